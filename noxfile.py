@@ -1,0 +1,53 @@
+"""Developer and CI sessions.
+
+    nox -s tests            unit tests of every package (pytest arguments after `--`)
+    nox -s lint             ruff check + ruff format --check over the repository
+
+Every install goes through constraints.txt, which pins the CPU build of torch.
+"""
+
+from pathlib import Path
+
+import nox
+from nox.command import CommandFailed
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+# Install order: a package's in-repo dependencies come before it.
+PACKAGES = ("model-mappings", "quant-core")
+PYTEST_NO_TESTS_COLLECTED = 5
+
+nox.options.default_venv_backend = "venv"  # uv would not see the local CPU torch wheel
+nox.options.sessions = ["lint", "tests"]
+
+
+def install_packages(session: nox.Session, *packages: str) -> None:
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    session.install(*CONSTRAINTS, *(f"-e{ROOT / 'packages' / p}[test]" for p in packages))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run each package's tests in its own pytest process.
+
+    A package that collects no tests fails the session, unless pytest arguments were given (`-k`, a path):
+    a filter may legitimately select nothing in one package, but it must select something somewhere.
+    """
+    install_packages(session, *PACKAGES)
+    empty = []
+    for package in PACKAGES:
+        try:
+            session.run("pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
+        except CommandFailed as failure:
+            if failure.return_code != PYTEST_NO_TESTS_COLLECTED:
+                raise
+            empty.append(package)
+    if empty and (not session.posargs or len(empty) == len(PACKAGES)):
+        session.error(f"no tests collected for: {', '.join(empty)}")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", str(ROOT))
+    session.run("ruff", "format", "--check", str(ROOT))
