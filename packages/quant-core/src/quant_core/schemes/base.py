@@ -57,8 +57,8 @@ class LinearScheme(Scheme):
         """Float ``[N, K]`` weight (and bias, calibration statistics) -> checkpoint tensors (v1 layout)."""
 
     @abstractmethod
-    def process_weights(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors as loaded -> runtime tensors."""
+    def process_weights(self, tensors: Mapping[str, torch.Tensor], *, layer: str = "") -> dict[str, torch.Tensor]:
+        """Checkpoint tensors as loaded -> runtime tensors. ``layer`` (the module prefix) names it in errors."""
 
     @abstractmethod
     def apply(
@@ -83,7 +83,7 @@ class MoEScheme(Scheme):
         """Float stacked experts -> stacked checkpoint tensors."""
 
     @abstractmethod
-    def process_weights(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def process_weights(self, tensors: Mapping[str, torch.Tensor], *, layer: str = "") -> dict[str, torch.Tensor]:
         """Stacked checkpoint tensors -> runtime tensors."""
 
     @abstractmethod
@@ -108,7 +108,7 @@ class AttentionScheme(Scheme):
         """The checkpoint tensors of one attention layer (e.g. C8 ``k_cache_scale``)."""
 
     @abstractmethod
-    def process_weights(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def process_weights(self, tensors: Mapping[str, torch.Tensor], *, layer: str = "") -> dict[str, torch.Tensor]:
         """Checkpoint tensors -> runtime tensors."""
 
     @abstractmethod

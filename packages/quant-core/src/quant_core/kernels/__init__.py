@@ -1,0 +1,11 @@
+"""Kernels behind a chooser: ``reference`` (the spec in plain torch), ``cpu`` (fast CPU ops), ``npu`` (torch_npu)."""
+
+from quant_core.kernels.base import (
+    KernelUnavailableError,
+    LinearKernel,
+    LinearKernelConfig,
+    Runtime,
+    choose_kernel,
+)
+
+__all__ = ["KernelUnavailableError", "LinearKernel", "LinearKernelConfig", "Runtime", "choose_kernel"]
