@@ -2,6 +2,7 @@
 
     nox -s tests            unit tests of every package (pytest arguments after `--`)
     nox -s lint             ruff check + ruff format --check over the repository
+    nox -s perf             pytest-benchmark of every scheme against fp32 F.linear (ratio table in build/perf/)
 
 Every install goes through constraints.txt, which pins the CPU build of torch.
 """
@@ -51,3 +52,20 @@ def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", str(ROOT))
     session.run("ruff", "format", "--check", str(ROOT))
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Benchmarks, as ratios to the float path measured in the same run. Not part of `tests`: timings are noisy."""
+    install_packages(session, *PACKAGES)
+    session.install(*CONSTRAINTS, "pytest-benchmark==5.3.1")
+    session.run(
+        "pytest",
+        str(ROOT / "harness" / "benchmarks"),
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable-gc",
+        "--benchmark-min-rounds=5",
+        f"--ratio-report={ROOT / 'build' / 'perf' / 'ratios.md'}",
+        *session.posargs,
+    )

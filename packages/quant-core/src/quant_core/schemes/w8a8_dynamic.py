@@ -23,6 +23,7 @@ from quant_core.kernels.int8_dynamic import INT8_DYNAMIC_KERNELS
 from quant_core.primitives import quantize_weight_per_channel
 from quant_core.registry import register_scheme
 from quant_core.schemes._linear import KernelLinearScheme, check_scale, scale_spec
+from quant_core.schemes._moe import ExpertsMoEScheme
 from quant_core.spec import TensorSpec
 
 
@@ -64,3 +65,13 @@ class W8A8DynamicLinear(KernelLinearScheme):
 
     def canonicalize(self, tensors: Mapping[str, torch.Tensor], layer: str) -> dict[str, torch.Tensor]:
         return symmetric_int8_weight(tensors, layer)
+
+
+@register_scheme("W8A8_DYNAMIC", "moe")
+class W8A8DynamicMoE(ExpertsMoEScheme):
+    """Stacked experts: ``w13_weight`` int8 ``[E, 2I, H]``, ``w13_weight_scale``/``w13_weight_offset`` ``[E, 2I, 1]``,
+    ``w2_weight`` int8 ``[E, H, I]``, ``w2_weight_scale``/``w2_weight_offset`` ``[E, H, 1]``; each expert projection
+    processed and applied as the linear scheme above (format §8.3-8.4: per-token int8 x, gmm1, SwiGLU, per-token int8
+    requant, gmm2)."""
+
+    quant_type = "W8A8_DYNAMIC"

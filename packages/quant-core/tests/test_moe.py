@@ -1,0 +1,177 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from linear_cases import fake_quant_per_token, rel_err
+
+import quant_core
+from quant_core import CheckpointTensorError
+from quant_core.moe import stack_experts
+
+
+def experts(e: int, h: int, i: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+
+
+def routing(t: int, e: int, k: int, seed: int = 0, skip_expert: int | None = None):
+    """Random top-k routing (distinct experts per token) with softmax weights; optionally one expert gets nothing."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(t, e, generator=g)
+    if skip_expert is not None:
+        scores[:, skip_expert] = -1.0
+    weights, ids = torch.topk(scores, k, dim=-1)
+    return torch.softmax(weights, dim=-1), ids
+
+
+def dequant(tensors: dict, proj: str) -> torch.Tensor:
+    return tensors[f"{proj}_weight"].double() * tensors[f"{proj}_weight_scale"].double()
+
+
+def moe_reference(x, w13, w2, topk_weights, topk_ids, act_quant: bool) -> torch.Tensor:
+    """float64 MoE (format §8.4): per token and routed expert, gmm1 -> SwiGLU -> gmm2, weighted sum."""
+    fq = (lambda v: fake_quant_per_token(v, 127)) if act_quant else (lambda v: v.double())
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    xq = fq(x)
+    inter = w2.shape[-1]
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            hidden = w13[e] @ xq[t]
+            act = F.silu(hidden[:inter]) * hidden[inter:]
+            out[t] += float(topk_weights[t, j]) * (w2[e] @ fq(act[None])[0])
+    return out
+
+
+# Exact backend: integer matmuls are exact; the float64 reference differs only where a requantized SwiGLU value
+# sits on a rounding tie in float32 but not float64 (one LSB, 1/127 of one term) and in float32 epilogues. 1e-3
+# catches any real error (a wrong half of w13, a missing router weight, a wrong scale: ≥ 1e-1).
+EXACT = 1e-3
+# fbgemm's 7-bit per-token grid on both GEMMs (≈1.5 % each, see test_w8a8_dynamic.py), against the
+# unquantized-activation reference: 5e-2.
+FBGEMM = 5e-2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    ("t", "e", "h", "i", "k"),
+    [(1, 4, 64, 32, 1), (7, 8, 96, 48, 2), (33, 16, 576, 64, 8), (512, 8, 64, 32, 2)],
+)
+def test_w8a8_dynamic_moe_matches_float64_reference(backend, t, e, h, i, k):
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend=backend)
+    w13, w2 = experts(e, h, i)
+    tensors = moe.quantize_weights(w13, w2)
+    runtime = moe.process_weights(tensors, layer="model.layers.0.mlp")
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(1))
+    weights, ids = routing(t, e, k, skip_expert=e - 1 if k < e else None)
+    y = moe.apply(runtime, x, weights, ids)
+    assert y.shape == (t, h) and y.dtype == x.dtype
+    ref = moe_reference(x, dequant(tensors, "w13"), dequant(tensors, "w2"), weights, ids, act_quant=backend != "cpu")
+    assert rel_err(y, ref) < (EXACT if backend == "reference" else FBGEMM)
+
+
+def test_moe_round_trip_against_the_float_moe():
+    # int8 weights and int8 per-token activations on both GEMMs: ≈1 % each; 4e-2 bounds the sum with margin.
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    w13, w2 = experts(4, 64, 32)
+    runtime = moe.process_weights(moe.quantize_weights(w13, w2))
+    x = torch.randn(16, 64)
+    weights, ids = routing(16, 4, 2)
+    ref = moe_reference(x, w13.double(), w2.double(), weights, ids, act_quant=False)
+    assert rel_err(moe.apply(runtime, x, weights, ids), ref) < 4e-2
+
+
+def test_bf16_activations():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    w13, w2 = experts(4, 64, 32)
+    tensors = moe.quantize_weights(w13, w2)
+    x = torch.randn(8, 64).bfloat16()
+    weights, ids = routing(8, 4, 2)
+    y = moe.apply(moe.process_weights(tensors), x, weights, ids)
+    assert y.dtype == torch.bfloat16
+    # bf16 rounding of the SwiGLU intermediate and of the output: ~2^-8 each.
+    ref = moe_reference(x, dequant(tensors, "w13"), dequant(tensors, "w2"), weights, ids, act_quant=True)
+    assert rel_err(y, ref) < 2e-2
+
+
+def test_weight_specs_are_the_stacked_linear_specs():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe")
+    specs = moe.weight_specs(8, 64, 32, torch.bfloat16)
+    assert specs["w13_weight"].shape == (8, 64, 64) and specs["w2_weight"].shape == (8, 64, 32)
+    assert specs["w13_weight_scale"].shape == (8, 64, 1) and specs["w2_weight_scale"].shape == (8, 64, 1)
+    assert specs["w13_weight"].output_dim == 1 and specs["w13_weight"].input_dim == 2
+    tensors = moe.quantize_weights(*experts(8, 64, 32))
+    assert set(tensors) == set(specs)
+    for name, tensor in tensors.items():
+        specs[name].check(tensor)
+
+
+def test_stack_experts_matches_per_expert_tensors():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    w13, w2 = experts(3, 64, 32)
+    stacked = moe.quantize_weights(w13, w2)
+    linear = quant_core.get_scheme("W8A8_DYNAMIC", "linear")
+    per_expert = {}
+    for e in range(3):
+        for proj, w in (("gate_proj", w13[e, :32]), ("up_proj", w13[e, 32:]), ("down_proj", w2[e])):
+            for suffix, t in linear.quantize_weights(w).items():
+                per_expert[f"model.layers.0.mlp.experts.{e}.{proj}.{suffix}"] = t
+    per_expert["model.layers.0.mlp.gate.weight"] = torch.randn(3, 64)  # the router is not an expert tensor
+    restacked = stack_experts(per_expert, layer="model.layers.0.mlp")
+    assert set(restacked) == set(stacked)
+    for name in stacked:
+        assert torch.equal(restacked[name], stacked[name]), name
+
+
+def test_stack_experts_with_mixtral_names_and_errors():
+    t = {f"experts.{e}.{p}.weight": torch.full((2, 4), e) for e in range(2) for p in ("w1", "w2", "w3")}
+    out = stack_experts(t, projections=("w1", "w3", "w2"))
+    assert out["w13_weight"].shape == (2, 4, 4) and out["w2_weight"].shape == (2, 2, 4)
+    del t["experts.1.w3.weight"]
+    with pytest.raises(CheckpointTensorError, match=r"experts\.1\.w3\.weight is missing"):
+        stack_experts(t, projections=("w1", "w3", "w2"))
+    t["experts.1.w3.weight"] = torch.zeros(3, 4)
+    with pytest.raises(CheckpointTensorError, match="experts disagree on shape"):
+        stack_experts(t, projections=("w1", "w3", "w2"))
+    with pytest.raises(CheckpointTensorError, match="no tensors named like"):
+        stack_experts({"mlp.gate.weight": torch.zeros(2)})
+
+
+@pytest.fixture(scope="module")
+def small_moe():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    return moe, moe.process_weights(moe.quantize_weights(*experts(4, 64, 32)))
+
+
+@pytest.mark.parametrize(
+    ("x", "ids", "weights", "match"),
+    [
+        (torch.randn(3, 64), torch.tensor([[0], [4], [1]]), torch.ones(3, 1), r"ids in \[0, 4\] but this layer has 4"),
+        (torch.randn(3, 64), torch.tensor([[0], [-1], [1]]), torch.ones(3, 1), "expert ids"),
+        (torch.randn(3, 64), torch.tensor([[0], [1]]), torch.ones(2, 1), "must both be"),
+        (torch.randn(3, 64), torch.zeros(3, 1), torch.ones(3, 1), "integer tensor"),
+        (torch.randn(2, 3, 64), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), r"\[tokens, hidden\]"),
+    ],
+)
+def test_bad_routing_is_refused(small_moe, x, ids, weights, match):
+    moe, runtime = small_moe
+    with pytest.raises(ValueError, match=match):
+        moe.apply(runtime, x, weights, ids)
+
+
+def test_mismatched_expert_counts_are_refused():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    tensors = moe.quantize_weights(*experts(4, 64, 32))
+    tensors["w2_weight_scale"] = tensors["w2_weight_scale"][:3]
+    with pytest.raises(ValueError, match=r"w2_weight_scale do not have 4 experts"):
+        moe.process_weights(tensors, layer="model.layers.1.mlp")
+    tensors = moe.quantize_weights(*experts(4, 64, 32))
+    tensors["w13_weight_scale"][2, 5, 0] = float("nan")
+    with pytest.raises(CheckpointTensorError, match=r"model\.layers\.1\.mlp\.experts\.2\.w13\.weight_scale"):
+        moe.process_weights(tensors, layer="model.layers.1.mlp")
+
+
+def test_unsupported_activation():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="reference")
+    runtime = moe.process_weights(moe.quantize_weights(*experts(2, 64, 32)))
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        moe.apply(runtime, torch.randn(2, 64), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), "relu")
