@@ -1,13 +1,19 @@
 import sys
 
 import npu_emulator
+import npu_emulator_moe
 import pytest
+
+MOE_OPS = ("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_dequant_swiglu_quant", "npu_moe_token_unpermute",
+           "npu_swiglu")  # fmt: skip
 
 
 @pytest.fixture
 def npu(monkeypatch):
     """Install the documented-semantics emulator as ``torch_npu``; yields the list of ops called."""
     monkeypatch.setitem(sys.modules, "torch_npu", npu_emulator)
+    for op in MOE_OPS:
+        monkeypatch.setattr(npu_emulator, op, getattr(npu_emulator_moe, op), raising=False)
     npu_emulator.calls.clear()
     yield npu_emulator.calls
     npu_emulator.calls.clear()

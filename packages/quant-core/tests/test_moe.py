@@ -51,7 +51,13 @@ EXACT = 1e-3
 FBGEMM = 5e-2
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.fixture(params=["reference", "npu", "cpu"])
+def backend(request):
+    if request.param == "npu":
+        request.getfixturevalue("npu")
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("t", "e", "h", "i", "k"),
     [(1, 4, 64, 32, 1), (7, 8, 96, 48, 2), (33, 16, 576, 64, 8), (512, 8, 64, 32, 2)],
@@ -66,7 +72,29 @@ def test_w8a8_dynamic_moe_matches_float64_reference(backend, t, e, h, i, k):
     y = moe.apply(runtime, x, weights, ids)
     assert y.shape == (t, h) and y.dtype == x.dtype
     ref = moe_reference(x, dequant(tensors, "w13"), dequant(tensors, "w2"), weights, ids, act_quant=backend != "cpu")
-    assert rel_err(y, ref) < (EXACT if backend == "reference" else FBGEMM)
+    assert rel_err(y, ref) < (FBGEMM if backend == "cpu" else EXACT)
+
+
+def test_npu_moe_runs_upstreams_grouped_pipeline(npu):
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="npu")
+    runtime = moe.process_weights(moe.quantize_weights(*experts(4, 64, 32)))
+    assert runtime["npu"]["w13_weight"].shape == (4, 64, 64) and runtime["npu"]["w2_weight"].shape == (4, 32, 64)
+    npu.clear()
+    weights, ids = routing(5, 4, 2)
+    moe.apply(runtime, torch.randn(5, 64).bfloat16(), weights, ids)
+    assert npu == [
+        "npu_moe_init_routing_v2",
+        "npu_grouped_matmul",
+        "npu_dequant_swiglu_quant",
+        "npu_grouped_matmul",
+        "npu_moe_token_unpermute",
+    ]
+
+
+def test_npu_moe_without_torch_npu_explains():
+    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend="npu")
+    with pytest.raises(quant_core.QuantCoreError, match="torch_npu is not installed"):
+        moe.process_weights(moe.quantize_weights(*experts(2, 64, 32)), layer="model.layers.3.mlp.experts")
 
 
 def test_moe_round_trip_against_the_float_moe():

@@ -7,7 +7,8 @@ expert reproduces the MoE formulas exactly: per-token activation quantization is
 quantizing a token inside its expert's block gives the same values as quantizing it once.
 
 ``reference`` and ``cpu`` sort the ``T·k`` routed rows by expert and run each expert's block through the
-linear kernels (a Python loop over experts, never over tokens).
+linear kernels (a Python loop over experts, never over tokens). ``npu`` runs the scheme's ``NPU_KERNEL``
+(upstream's grouped-matmul pipeline, kernels/moe_npu.py) on the stacked tensors.
 """
 
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from quant_core.errors import CheckpointTensorError
+from quant_core.kernels.base import KernelUnavailableError
+from quant_core.kernels.int8_dynamic import torch_npu_available
 from quant_core.moe import check_routing, sort_by_expert
 from quant_core.registry import get_scheme
 from quant_core.schemes.base import MoEScheme
@@ -49,10 +52,13 @@ class ExpertsMoEScheme(MoEScheme):
     """The routed experts of one MoE layer, each projection served by ``get_scheme(quant_type, "linear")``."""
 
     quant_type: ClassVar[str]
+    NPU_KERNEL: ClassVar[Any] = None  # prepare(stacked tensors) / run(runtime, x, topk_weights, topk_ids)
 
     def __init__(self, *, backend: str = "auto", version: str = "0", group_size: int = 0) -> None:
         super().__init__(backend=backend, version=version, group_size=group_size)
-        self.linear = get_scheme(self.quant_type, "linear", backend=backend, version=version, group_size=group_size)
+        options = {"version": version, "group_size": group_size}
+        self.linear = get_scheme(self.quant_type, "linear", backend=backend, **options)
+        self.checker = get_scheme(self.quant_type, "linear", backend="reference", **options)
 
     # Hooks for schemes whose w2 tensors differ from a plain linear's (e.g. row-parallel scale_bias).
     def w13_quantize_options(self) -> dict[str, Any]:
@@ -90,15 +96,21 @@ class ExpertsMoEScheme(MoEScheme):
                 f"MoE layer {layer or '<layer>'!r}: {', '.join(bad)} do not have {num_experts} experts in dim 0 "
                 f"like w13_weight {tuple(tensors['w13_weight'].shape)}"
             )
+        on_npu = self.backend == "npu" or (self.backend == "auto" and tensors["w13_weight"].device.type == "npu")
+        if on_npu:
+            ok, why = torch_npu_available() if self.NPU_KERNEL else (False, "no grouped-matmul kernel for this scheme")
+            if not ok:
+                raise KernelUnavailableError(f"no npu kernel for {self.quant_type} MoE layer {layer!r}: {why}")
         where = f"{layer}." if layer else ""
         runtimes = {}
         for proj in ("w13", "w2"):
             names = {k[len(proj) + 1 :]: t for k, t in tensors.items() if k.startswith(proj + "_")}
+            linear = self.checker if on_npu else self.linear  # on NPU, the per-expert pass only validates
             runtimes[proj] = tuple(
-                self.linear.process_weights({k: t[e] for k, t in names.items()}, layer=f"{where}experts.{e}.{proj}")
+                linear.process_weights({k: t[e] for k, t in names.items()}, layer=f"{where}experts.{e}.{proj}")
                 for e in range(num_experts)
             )
-        return runtimes
+        return {"npu": self.NPU_KERNEL.prepare(tensors), "num_experts": num_experts} if on_npu else runtimes
 
     def apply(
         self,
@@ -110,6 +122,9 @@ class ExpertsMoEScheme(MoEScheme):
     ) -> torch.Tensor:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported; use one of {', '.join(ACTIVATIONS)}")
+        if "npu" in runtime:
+            check_routing(x, topk_weights, topk_ids, runtime["num_experts"])
+            return self.NPU_KERNEL.run(runtime["npu"], x, topk_weights, topk_ids)
         w13, w2 = runtime["w13"], runtime["w2"]
         check_routing(x, topk_weights, topk_ids, len(w13))
         k = topk_ids.shape[1]
