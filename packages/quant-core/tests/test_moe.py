@@ -23,8 +23,30 @@ def routing(t: int, e: int, k: int, seed: int = 0, skip_expert: int | None = Non
     return torch.softmax(weights, dim=-1), ids
 
 
-def dequant(tensors: dict, proj: str) -> torch.Tensor:
-    return tensors[f"{proj}_weight"].double() * tensors[f"{proj}_weight_scale"].double()
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """[..., N/2, K] int8 -> [..., N, K]: row 2j is the low nibble, row 2j+1 the high one (two's complement)."""
+    b = packed.to(torch.int32) & 0xFF
+    low, high = b & 0xF, b >> 4
+    low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
+    return torch.stack((low, high), dim=-2).reshape(*packed.shape[:-2], -1, packed.shape[-1])
+
+
+def per_group(t: torch.Tensor, k: int) -> torch.Tensor:
+    """[E, N, G] scales -> [E, N, K], each group's value repeated over its K / G inputs."""
+    return t.double().repeat_interleave(k // t.shape[-1], dim=-1)
+
+
+def dequant(tensors: dict, proj: str, quant_type: str = "W8A8_DYNAMIC") -> torch.Tensor:
+    """float64 stacked expert weights [E, N, K] from checkpoint tensors, written from the format spec."""
+    w = tensors[f"{proj}_weight"]
+    q = unpack_rows(w).double() if quant_type in ("W4A16", "W4A8_DYNAMIC") else w.double()
+    k = q.shape[-1]
+    scale = per_group(tensors[f"{proj}_weight_scale"], k)
+    if quant_type in ("W8A16", "W4A16"):
+        return (q - per_group(tensors[f"{proj}_weight_offset"], k)) * scale
+    if f"{proj}_weight_scale_second" in tensors:
+        scale = scale * per_group(tensors[f"{proj}_weight_scale_second"], k)
+    return q * scale
 
 
 def moe_reference(x, w13, w2, topk_weights, topk_ids, act_quant: bool) -> torch.Tensor:
@@ -58,12 +80,35 @@ def backend(request):
     return request.param
 
 
+# (quant type, group size, activations quantized per token)
+SCHEMES = [
+    ("W8A8_DYNAMIC", 0, True),
+    ("W4A8_DYNAMIC", 0, True),
+    ("W4A8_DYNAMIC", 32, False),  # the two-step per-group form computes with float activations
+    ("W8A16", 0, False),
+    ("W4A16", 32, False),
+]
+# Weight-only on float32: float32 vs float64 rounding only (1e-6); 1e-4 catches any real error.
+FLOAT_EXACT = 1e-4
+# bf16 fast CPU kernels (int8pack / int4pack take bf16 activations): 2^-8 relative per GEMM, two GEMMs.
+BF16_KERNELS = 2e-2
+
+
+def tolerance(backend: str, act_quant: bool) -> float:
+    if backend == "cpu":
+        return FBGEMM if act_quant else BF16_KERNELS
+    if backend == "npu" and not act_quant:
+        return FLOAT_EXACT
+    return EXACT if act_quant else FLOAT_EXACT
+
+
+@pytest.mark.parametrize(("quant_type", "group", "act_quant"), SCHEMES, ids=[f"{q}-g{g}" for q, g, _ in SCHEMES])
 @pytest.mark.parametrize(
     ("t", "e", "h", "i", "k"),
-    [(1, 4, 64, 32, 1), (7, 8, 96, 48, 2), (33, 16, 576, 64, 8), (512, 8, 64, 32, 2)],
+    [(1, 4, 64, 32, 1), (7, 8, 96, 64, 2), (33, 16, 576, 64, 8), (512, 8, 64, 32, 2)],
 )
-def test_w8a8_dynamic_moe_matches_float64_reference(backend, t, e, h, i, k):
-    moe = quant_core.get_scheme("W8A8_DYNAMIC", "moe", backend=backend)
+def test_moe_matches_float64_reference(backend, quant_type, group, act_quant, t, e, h, i, k):
+    moe = quant_core.get_scheme(quant_type, "moe", backend=backend, group_size=group)
     w13, w2 = experts(e, h, i)
     tensors = moe.quantize_weights(w13, w2)
     runtime = moe.process_weights(tensors, layer="model.layers.0.mlp")
@@ -71,8 +116,34 @@ def test_w8a8_dynamic_moe_matches_float64_reference(backend, t, e, h, i, k):
     weights, ids = routing(t, e, k, skip_expert=e - 1 if k < e else None)
     y = moe.apply(runtime, x, weights, ids)
     assert y.shape == (t, h) and y.dtype == x.dtype
-    ref = moe_reference(x, dequant(tensors, "w13"), dequant(tensors, "w2"), weights, ids, act_quant=backend != "cpu")
-    assert rel_err(y, ref) < (FBGEMM if backend == "cpu" else EXACT)
+    w13_deq, w2_deq = dequant(tensors, "w13", quant_type), dequant(tensors, "w2", quant_type)
+    ref = moe_reference(x, w13_deq, w2_deq, weights, ids, act_quant=act_quant and backend != "cpu")
+    assert rel_err(y, ref) < tolerance(backend, act_quant)
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "group", "bound"), [("W8A16", 0, 2e-2), ("W4A16", 32, 0.2), ("W4A8_DYNAMIC", 0, 0.25)]
+)
+def test_moe_round_trip_of_other_schemes(quant_type, group, bound):
+    # Against the float MoE: int8 weights ≈1 % per GEMM; int4 ≈9-13 % per GEMM (see the linear tests), two GEMMs.
+    moe = quant_core.get_scheme(quant_type, "moe", backend="reference", group_size=group)
+    w13, w2 = experts(4, 64, 32)
+    runtime = moe.process_weights(moe.quantize_weights(w13, w2))
+    x = torch.randn(16, 64)
+    weights, ids = routing(16, 4, 2)
+    ref = moe_reference(x, w13.double(), w2.double(), weights, ids, act_quant=False)
+    assert rel_err(moe.apply(runtime, x, weights, ids), ref) < bound
+
+
+def test_w4a8_moe_writes_row_parallel_scale_bias_for_w2():
+    moe = quant_core.get_scheme("W4A8_DYNAMIC", "moe")
+    tensors = moe.quantize_weights(*experts(2, 64, 32))
+    assert tensors["w13_weight"].shape == (2, 32, 64) and tensors["w13_scale_bias"].shape == (2, 64, 1)
+    assert tensors["w2_weight"].shape == (2, 32, 32) and tensors["w2_scale_bias"].shape == (2, 64, 16)
+    specs = moe.weight_specs(2, 64, 32, torch.bfloat16)
+    assert set(specs) == set(tensors)
+    for name, tensor in tensors.items():
+        specs[name].check(tensor)
 
 
 def test_npu_moe_runs_upstreams_grouped_pipeline(npu):

@@ -52,24 +52,28 @@ class ExpertsMoEScheme(MoEScheme):
     """The routed experts of one MoE layer, each projection served by ``get_scheme(quant_type, "linear")``."""
 
     quant_type: ClassVar[str]
-    NPU_KERNEL: ClassVar[Any] = None  # prepare(stacked tensors) / run(runtime, x, topk_weights, topk_ids)
+    # On NPU: an object with prepare(stacked canonical tensors) and run(runtime, x, topk_weights, topk_ids).
+    NPU_KERNEL: ClassVar[Any] = None
 
     def __init__(self, *, backend: str = "auto", version: str = "0", group_size: int = 0) -> None:
         super().__init__(backend=backend, version=version, group_size=group_size)
-        options = {"version": version, "group_size": group_size}
-        self.linear = get_scheme(self.quant_type, "linear", backend=backend, **options)
-        self.checker = get_scheme(self.quant_type, "linear", backend="reference", **options)
+        common = {"version": version, "group_size": group_size}
 
-    # Hooks for schemes whose w2 tensors differ from a plain linear's (e.g. row-parallel scale_bias).
-    def w13_quantize_options(self) -> dict[str, Any]:
-        return {}
+        def linear(proj: str, backend: str):
+            return get_scheme(self.quant_type, "linear", backend=backend, **common, **self.projection_options(proj))
 
-    def w2_quantize_options(self) -> dict[str, Any]:
+        self.linears = {p: linear(p, backend) for p in ("w13", "w2")}
+        # On NPU the per-expert linear pass only validates and canonicalizes: the reference kernels keep the
+        # canonical tensors as they are, and the grouped kernel stacks them.
+        self.checkers = {p: linear(p, "reference") for p in ("w13", "w2")}
+
+    def projection_options(self, proj: str) -> dict[str, Any]:
+        """Extra linear-scheme options for ``"w13"`` (column-parallel) or ``"w2"`` (row-parallel)."""
         return {}
 
     def weight_specs(self, num_experts: int, hidden_size: int, intermediate_size: int, params_dtype: torch.dtype):
-        w13 = self.linear.weight_specs(hidden_size, 2 * intermediate_size, params_dtype)
-        w2 = self.linear.weight_specs(intermediate_size, hidden_size, params_dtype)
+        w13 = self.linears["w13"].weight_specs(hidden_size, 2 * intermediate_size, params_dtype)
+        w2 = self.linears["w2"].weight_specs(intermediate_size, hidden_size, params_dtype)
         specs = [stacked_spec("w13", s, num_experts) for s in w13.values()]
         specs += [stacked_spec("w2", s, num_experts) for s in w2.values()]
         return {s.name: s for s in specs}
@@ -77,8 +81,8 @@ class ExpertsMoEScheme(MoEScheme):
     def quantize_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
         if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[1] != 2 * w2.shape[2]:
             raise ValueError(f"expected w13 [E, 2I, H] and w2 [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
-        per_expert13 = [self.linear.quantize_weights(w, **self.w13_quantize_options()) for w in w13]
-        per_expert2 = [self.linear.quantize_weights(w, **self.w2_quantize_options()) for w in w2]
+        per_expert13 = [self.linears["w13"].quantize_weights(w) for w in w13]
+        per_expert2 = [self.linears["w2"].quantize_weights(w) for w in w2]
         out = {f"w13_{k}": torch.stack([t[k] for t in per_expert13]) for k in per_expert13[0]}
         out.update({f"w2_{k}": torch.stack([t[k] for t in per_expert2]) for k in per_expert2[0]})
         return out
@@ -105,12 +109,15 @@ class ExpertsMoEScheme(MoEScheme):
         runtimes = {}
         for proj in ("w13", "w2"):
             names = {k[len(proj) + 1 :]: t for k, t in tensors.items() if k.startswith(proj + "_")}
-            linear = self.checker if on_npu else self.linear  # on NPU, the per-expert pass only validates
+            linear = (self.checkers if on_npu else self.linears)[proj]
             runtimes[proj] = tuple(
                 linear.process_weights({k: t[e] for k, t in names.items()}, layer=f"{where}experts.{e}.{proj}")
                 for e in range(num_experts)
             )
-        return {"npu": self.NPU_KERNEL.prepare(tensors), "num_experts": num_experts} if on_npu else runtimes
+        if not on_npu:
+            return runtimes
+        stacked = {f"{p}_{k}": torch.stack([r[k] for r in runtimes[p]]) for p in runtimes for k in runtimes[p][0]}
+        return {"npu": self.NPU_KERNEL.prepare(stacked), "num_experts": num_experts}
 
     def apply(
         self,
@@ -136,10 +143,10 @@ class ExpertsMoEScheme(MoEScheme):
         for e, count in enumerate(counts.tolist()):
             if count:
                 block = xs[start : start + count]
-                h = self.linear.apply(w13[e], block).float()
+                h = self.linears["w13"].apply(w13[e], block).float()
                 inter = h.shape[-1] // 2
                 act = (F.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
-                ys[start : start + count] = self.linear.apply(w2[e], act).float()
+                ys[start : start + count] = self.linears["w2"].apply(w2[e], act).float()
                 start += count
         weights = topk_weights.reshape(-1)[order].float()
         out = torch.zeros(x.shape, dtype=torch.float32)

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 
 from quant_core.errors import CheckpointTensorError
+from quant_core.kernels.moe_npu import NpuGroupedWeightOnlyMoE
 from quant_core.kernels.weight_only import WEIGHT_ONLY_KERNELS
 from quant_core.primitives import pack_int4_rows, quantize_weight_per_group, unpack_int4_rows
 from quant_core.registry import register_scheme
 from quant_core.schemes._linear import KernelLinearScheme, check_scale, scale_spec
+from quant_core.schemes._moe import ExpertsMoEScheme
 from quant_core.spec import TensorSpec
 
 SUGGESTED_GROUPS = (32, 64, 128, 256)  # the group sizes the fast CPU kernel takes
@@ -98,3 +100,14 @@ class W4A16Linear(KernelLinearScheme):
             "weight_scale": check_scale(tensors["weight_scale"], "weight_scale", layer),
             "weight_offset": check_scale(tensors["weight_offset"], "weight_offset", layer, positive=False),
         }
+
+
+@register_scheme("W4A16", "moe")
+class W4A16MoE(ExpertsMoEScheme):
+    """Stacked experts in msModelSlim's dense W4A16 layout: ``w13_weight`` int8 ``[E, I, H]`` (each expert's gate and
+    up rows packed two int4 per byte along N), ``w13_weight_scale``/``w13_weight_offset`` float32 ``[E, 2I, H/g]``;
+    ``w2_weight`` int8 ``[E, H/2, I]``, ``w2_weight_scale``/``w2_weight_offset`` ``[E, H, I/g]``. Each expert
+    projection is the linear scheme above. (Upstream's LLM-Compressor ``weight_packed`` MoE layout is not read.)"""
+
+    quant_type = "W4A16"
+    NPU_KERNEL = NpuGroupedWeightOnlyMoE(int4=True)

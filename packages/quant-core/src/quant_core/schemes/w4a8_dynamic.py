@@ -39,10 +39,12 @@ import torch
 
 from quant_core.errors import CheckpointTensorError
 from quant_core.kernels.base import Runtime
+from quant_core.kernels.moe_npu import NpuGroupedDynamicMoE, NpuGroupedWeightOnlyMoE
 from quant_core.kernels.w4a8 import W4_GROUP_KERNELS, W4A8_CHANNEL_KERNELS
 from quant_core.primitives import pack_int4_rows, quantize_weight_per_channel, unpack_int4_rows
 from quant_core.registry import register_scheme
 from quant_core.schemes._linear import FLOAT_DTYPES, KernelLinearScheme, check_scale, scale_spec
+from quant_core.schemes._moe import ExpertsMoEScheme
 from quant_core.schemes.w8a8_dynamic import symmetric_int8_weight
 from quant_core.spec import TensorSpec
 
@@ -235,3 +237,22 @@ class W4A8DynamicLinear(KernelLinearScheme):
         if self.verify_scale_bias:
             verify_scale_bias(scale_bias, canonical, self.group_size, layer)
         return canonical
+
+
+@register_scheme("W4A8_DYNAMIC", "moe")
+class W4A8DynamicMoE(ExpertsMoEScheme):
+    """Stacked experts (format §5.6.1): ``w13_weight`` int8 ``[E, I, H]`` (int4 pairs along N),
+    ``w13_weight_scale``/``w13_weight_offset``/``w13_scale_bias`` float32 ``[E, 2I, 1]``; ``w2_weight`` int8
+    ``[E, H/2, I]``, ``w2_weight_scale``/``w2_weight_offset`` ``[E, H, 1]``, ``w2_scale_bias`` ``[E, H, 16]`` (the
+    row-parallel form). With ``group_size > 0`` (the two-step v0 form) also ``*_weight_scale_second`` /
+    ``*_weight_offset_second`` ``[E, N, K/g]``; like the linear scheme, that form keeps activations in float
+    (the removed upstream per-group MoE kernel quantized them per token; upstream now refuses the form)."""
+
+    quant_type = "W4A8_DYNAMIC"
+
+    def projection_options(self, proj: str) -> dict:
+        return {"row_parallel": proj == "w2"}
+
+    @property
+    def NPU_KERNEL(self):
+        return NpuGroupedWeightOnlyMoE(int4=True) if self.group_size else NpuGroupedDynamicMoE(int4=True)

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from quant_core.kernels.moe_npu import NpuGroupedWeightOnlyMoE
 from quant_core.kernels.weight_only import WEIGHT_ONLY_KERNELS
 from quant_core.primitives import quantize_weight_per_channel
 from quant_core.registry import register_scheme
 from quant_core.schemes._linear import KernelLinearScheme, check_scale
+from quant_core.schemes._moe import ExpertsMoEScheme
 from quant_core.schemes.w8a8_dynamic import int8_weight_specs
 from quant_core.spec import TensorSpec
 
@@ -49,3 +51,13 @@ class W8A16Linear(KernelLinearScheme):
         offset = tensors.get("weight_offset", torch.zeros_like(scale))  # absent: symmetric
         offset = check_scale(offset, "weight_offset", layer, positive=False)
         return {"weight": tensors["weight"], "weight_scale": scale, "weight_offset": offset}
+
+
+@register_scheme("W8A16", "moe")
+class W8A16MoE(ExpertsMoEScheme):
+    """Stacked experts: ``w13_weight`` int8 ``[E, 2I, H]`` with ``w13_weight_scale``/``w13_weight_offset``
+    ``[E, 2I, 1]``; ``w2_weight`` int8 ``[E, H, I]`` with ``w2_weight_scale``/``w2_weight_offset`` ``[E, H, 1]``.
+    Each expert projection is the linear scheme above; activations stay float."""
+
+    quant_type = "W8A16"
+    NPU_KERNEL = NpuGroupedWeightOnlyMoE()

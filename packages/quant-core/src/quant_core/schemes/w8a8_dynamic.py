@@ -20,7 +20,7 @@ import torch
 
 from quant_core.errors import CheckpointTensorError
 from quant_core.kernels.int8_dynamic import INT8_DYNAMIC_KERNELS
-from quant_core.kernels.moe_npu import NpuGroupedInt8MoE
+from quant_core.kernels.moe_npu import NpuGroupedDynamicMoE
 from quant_core.primitives import quantize_weight_per_channel
 from quant_core.registry import register_scheme
 from quant_core.schemes._linear import KernelLinearScheme, check_scale, scale_spec
@@ -76,4 +76,4 @@ class W8A8DynamicMoE(ExpertsMoEScheme):
     requant, gmm2)."""
 
     quant_type = "W8A8_DYNAMIC"
-    NPU_KERNEL = NpuGroupedInt8MoE
+    NPU_KERNEL = NpuGroupedDynamicMoE()
