@@ -2,7 +2,6 @@
 same run; `--ratio-report PATH` also writes the table as markdown."""
 
 import os
-from collections import defaultdict
 
 import torch
 
@@ -16,22 +15,27 @@ def pytest_configure(config):
 
 
 def ratio_table(benchmarks) -> str:
+    """One markdown table per kind (linear, moe): rows are schemes, columns shape × M, cells ratio (median)."""
     medians = {}
     for bench in benchmarks:
         info = bench.extra_info
         medians[(info["kind"], info["scheme"], info["shape"], info["M"])] = bench.stats.median
-    rows = defaultdict(dict)
-    columns = sorted({(shape, m) for _, _, shape, m in medians})
-    for (kind, scheme, shape, m), median in medians.items():
-        base = medians.get((kind, "fp32", shape, m))
-        if base:
-            rows[(kind, scheme)][(shape, m)] = (median / base, median)
-    head = "| kind | scheme | " + " | ".join(f"{s} M={m}" for s, m in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 2)]
-    for (kind, scheme), cells in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fp32", kv[0][1])):
-        fmt = [f"{cells[c][0]:.2f}x ({cells[c][1] * 1e3:.2f} ms)" if c in cells else "—" for c in columns]
-        lines.append(f"| {kind} | {scheme} | " + " | ".join(fmt) + " |")
-    return "\n".join(lines)
+    tables = []
+    for kind in sorted({key[0] for key in medians}):
+        columns = sorted({(shape, m) for k, _, shape, m in medians if k == kind})
+        schemes = sorted({s for k, s, _, _ in medians if k == kind}, key=lambda s: (s != "fp32", s))
+        lines = [
+            f"| {kind} | " + " | ".join(f"{shape} M={m}" for shape, m in columns) + " |",
+            "|" + "---|" * (len(columns) + 1),
+        ]
+        for scheme in schemes:
+            cells = []
+            for shape, m in columns:
+                median, base = medians.get((kind, scheme, shape, m)), medians.get((kind, "fp32", shape, m))
+                cells.append(f"{median / base:.2f}x ({median * 1e3:.2f} ms)" if median and base else "—")
+            lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -17,3 +17,11 @@ def npu(monkeypatch):
     npu_emulator.calls.clear()
     yield npu_emulator.calls
     npu_emulator.calls.clear()
+
+
+@pytest.fixture(params=["reference", "npu", "cpu"])
+def backend(request):
+    """Each backend in turn; ``npu`` runs on the emulator."""
+    if request.param == "npu":
+        request.getfixturevalue("npu")
+    return request.param

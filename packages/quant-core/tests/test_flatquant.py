@@ -96,13 +96,6 @@ def reference(quant_type, ckpt, x, bias=None, act_quant=True):
     return linear_with_slack(*fake_quant_with_ties(xt, qmax, clip), w, bias)
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 def check_output(quant_type, backend, ckpt, x, y, bias=None):
     k, n = x.shape[-1], y.shape[-1]
     x, y = x.reshape(-1, k), y.reshape(-1, n)

@@ -73,13 +73,6 @@ EXACT = 1e-3
 FBGEMM = 5e-2
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 # (quant type, group size, activations quantized per token)
 SCHEMES = [
     ("W8A8_DYNAMIC", 0, True),

@@ -53,13 +53,6 @@ def reference(ckpt, x, bias=None, sign=-1):
     return y if bias is None else y + bias.double()
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 def check_apply(scheme, ckpt, x, bias, exact_bound):
     runtime = scheme.process_weights(ckpt, layer="model.layers.0.mlp.down_proj")
     y = scheme.apply(runtime, x, bias)

@@ -31,13 +31,6 @@ def reference(ckpt, x, bias=None):
     return linear_with_slack(xq, tie_s, w, bias)
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
 @pytest.mark.parametrize("dtype", ACT_DTYPES)

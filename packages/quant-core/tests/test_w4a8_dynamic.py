@@ -84,13 +84,6 @@ def scheme(backend="reference", g=0, **options):
     return quant_core.get_scheme("W4A8_DYNAMIC", "linear", backend=backend, version="1.0.0", group_size=g, **options)
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 # --- int4 packing --------------------------------------------------------------------------------------------
 def test_row_packing_round_trips_every_nibble_pair():
     lo, hi = torch.meshgrid(torch.arange(-8, 8), torch.arange(-8, 8), indexing="ij")

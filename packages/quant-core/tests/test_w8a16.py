@@ -33,13 +33,6 @@ def reference(ckpt, x, bias=None, sign=-1):
     return y if bias is None else y + bias.double()
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 @pytest.mark.parametrize("version", ["1", "0"])
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("batch", BATCH_SHAPES)

@@ -52,13 +52,6 @@ def static_reference(ckpt, x):
     return (x_q @ ckpt["weight"].double().T + ckpt["quant_bias"].double()) * deq.double()
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
 @pytest.mark.parametrize("dtype", ACT_DTYPES)

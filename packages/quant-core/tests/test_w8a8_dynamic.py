@@ -43,13 +43,6 @@ def reference(ckpt, x, bias=None, act_quant=True):
     return y if bias is None else y + bias.double()
 
 
-@pytest.fixture(params=["reference", "npu", "cpu"])
-def backend(request):
-    if request.param == "npu":
-        request.getfixturevalue("npu")
-    return request.param
-
-
 @pytest.mark.parametrize(("k", "n"), SHAPES)
 @pytest.mark.parametrize("batch", BATCH_SHAPES)
 @pytest.mark.parametrize("dtype", ACT_DTYPES)

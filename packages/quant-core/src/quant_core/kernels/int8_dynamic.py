@@ -24,6 +24,24 @@ def torch_npu_available() -> tuple[bool, str]:
     return False, "torch_npu is not installed"
 
 
+def fbgemm_available(config: LinearKernelConfig) -> tuple[bool, str]:
+    if config.device != "cpu":
+        return False, f"weights are on {config.device}, fbgemm runs on cpu"
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False, f"quantized engine is {torch.backends.quantized.engine!r}, not x86/fbgemm"
+    return True, ""
+
+
+def fbgemm_prepack(weight: torch.Tensor, scales: torch.Tensor) -> Any:
+    """fbgemm's packed form of an int8 ``[N, K]`` weight with per-channel ``scales [N]`` (symmetric)."""
+    scales = scales.double()
+    zero_points = torch.zeros_like(scales, dtype=torch.long)
+    with warnings.catch_warnings():  # quantized-tensor constructors are deprecated; this is their last use
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(weight, scales, zero_points, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
 class ReferenceInt8Dynamic(LinearKernel):
     """The spec in plain torch: exact int32 accumulation."""
 
@@ -47,23 +65,16 @@ class FbgemmInt8Dynamic(LinearKernel):
 
     @classmethod
     def can_implement(cls, config: LinearKernelConfig) -> tuple[bool, str]:
-        if config.device != "cpu":
-            return False, f"weights are on {config.device}, fbgemm runs on cpu"
-        if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-            return False, f"quantized engine is {torch.backends.quantized.engine!r}, not x86/fbgemm"
-        return True, ""
+        return fbgemm_available(config)
 
     def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        scales = tensors["weight_scale"].double()
-        zero_points = torch.zeros_like(scales, dtype=torch.long)
-        with warnings.catch_warnings():  # quantized-tensor constructors are deprecated; this is their last use
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(tensors["weight"], scales, zero_points, 0)
-            packed = torch.ops.quantized.linear_prepack(qweight, None)
-        return {"packed_weight": packed}
+        return {"packed_weight": fbgemm_prepack(tensors["weight"], tensors["weight_scale"])}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float()
+        if x32.shape[0] == 1:  # one row: fbgemm's per-tensor grid already is the per-token one
+            y = torch.ops.quantized.linear_dynamic(x32, runtime["packed_weight"], True)
+            return y if bias is None else y.add_(bias)
         # A zero row stays zero: 0 / tiny = 0. Few, in-place ops: at M=1 each costs as much as ~10 % of the GEMM.
         amax = x32.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
         y = torch.ops.quantized.linear_dynamic(x32 / amax, runtime["packed_weight"], True).mul_(amax)

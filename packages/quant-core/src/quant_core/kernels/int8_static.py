@@ -6,14 +6,18 @@ Math: ``x_q = clamp(round(x / s_in + o_in), -128, 127)``, ``y = (x_q @ W_qᵀ + 
 The float layer bias is never added: msModelSlim folds it into ``quant_bias``.
 """
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from quant_core.kernels.base import LinearKernel, LinearKernelConfig
-from quant_core.kernels.int8_dynamic import ACL_FORMAT_FRACTAL_NZ, torch_npu_available
+from quant_core.kernels.int8_dynamic import (
+    ACL_FORMAT_FRACTAL_NZ,
+    fbgemm_available,
+    fbgemm_prepack,
+    torch_npu_available,
+)
 from quant_core.primitives import encode_scale_int64, int_matmul, quantize_static
 
 
@@ -45,19 +49,11 @@ class FbgemmInt8Static(LinearKernel):
 
     @classmethod
     def can_implement(cls, config: LinearKernelConfig) -> tuple[bool, str]:
-        if config.device != "cpu":
-            return False, f"weights are on {config.device}, fbgemm runs on cpu"
-        if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-            return False, f"quantized engine is {torch.backends.quantized.engine!r}, not x86/fbgemm"
-        return True, ""
+        return fbgemm_available(config)
 
     def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         deq = tensors["deq_scale"]
-        zero_points = torch.zeros_like(deq, dtype=torch.long)
-        with warnings.catch_warnings():  # quantized-tensor constructors are deprecated; this is their last use
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(tensors["weight"], deq.double(), zero_points, 0)
-            packed = torch.ops.quantized.linear_prepack(qweight, None)
+        packed = fbgemm_prepack(tensors["weight"], deq)
         bias = (tensors["quant_bias"].double() * deq.double()).float()
         return {
             "packed_weight": packed,
