@@ -16,6 +16,7 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 # Install order: a package's in-repo dependencies come before it.
 PACKAGES = ("model-mappings", "quant-core")
+EXTRAS = {"quant-core": "test,hf"}
 PYTEST_NO_TESTS_COLLECTED = 5
 
 nox.options.default_venv_backend = "venv"  # uv would not see the local CPU torch wheel
@@ -24,7 +25,7 @@ nox.options.sessions = ["lint", "tests"]
 
 def install_packages(session: nox.Session, *packages: str) -> None:
     session.install(*CONSTRAINTS, "torch==2.13.0")
-    session.install(*CONSTRAINTS, *(f"-e{ROOT / 'packages' / p}[test]" for p in packages))
+    session.install(*CONSTRAINTS, *(f"-e{ROOT / 'packages' / p}[{EXTRAS.get(p, 'test')}]" for p in packages))
 
 
 @nox.session
