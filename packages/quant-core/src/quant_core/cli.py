@@ -1,0 +1,110 @@
+"""The ``quant-core`` command line.
+
+    quant-core quantize --model DIR --scheme W8A8_DYNAMIC --out DIR [--calib FILE] [--group-size N]
+                        [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
+                        [--calib-samples N] [--calib-seq-len N] [--percentile P] [--max-shard-size SIZE]
+                        [--overwrite] [--no-progress]
+
+Also runnable as ``python -m quant_core.cli quantize ...``. Exit status 0 on success, 2 on a usage or input error.
+"""
+
+import argparse
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+
+from quant_core.errors import QuantCoreError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1000000"`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB, 2GiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quant-core", description="msModelSlim-format quantization tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser(
+        "quantize",
+        help="quantize a float Hugging Face checkpoint into msModelSlim's v1 layout",
+        description="Round-to-nearest quantization of every linear layer (lm_head, embeddings, norms and MoE routers "
+        "stay float). Patterns are globs over whole layer names, e.g. 'model.layers.0.*' or '*.down_proj', or "
+        "'re:<regex>' searched anywhere in the name. Later --layer-scheme rules win; --skip wins over all.",
+    )
+    q.add_argument("--model", required=True, help="float HF checkpoint directory (config.json + *.safetensors)")
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--scheme", default="W8A8_DYNAMIC", help="default quant type of linear layers (W8A8_DYNAMIC)")
+    q.add_argument("--layer-scheme", action="extend", nargs="+", default=[], metavar="PATTERN=SCHEME",
+                   help="give the layers matching PATTERN another scheme (FLOAT keeps them float)")  # fmt: skip
+    q.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
+                   help="keep the layers matching PATTERN float")  # fmt: skip
+    q.add_argument("--group-size", type=int, default=None, help="group size for W4A16 / W4A8_DYNAMIC (0: per channel)")
+    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX: .jsonl ('inputs_pretokenized' or 'text') "
+                   "or plain text, one sample per line")  # fmt: skip
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration samples to use (32)")
+    q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sample, at most (256)")
+    q.add_argument("--percentile", type=float, default=None,
+                   help="clip activation ranges to the P-th / (100-P)-th percentile, e.g. 99.99 "
+                   "(default: min/max)")  # fmt: skip
+    q.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (5GB)")
+    q.add_argument("--add-quantization-config", action="store_true",
+                   help='add {"quant_method": "ascend"} to config.json (msModelSlim removes '
+                   "quantization_config)")  # fmt: skip
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def quantize_command(args: argparse.Namespace) -> int:
+    from quant_core.quantize import DEFAULT_MAX_SHARD_BYTES, quantize_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = quantize_model(
+            args.model,
+            args.out,
+            args.scheme,
+            calib=args.calib,
+            group_size=args.group_size,
+            skip=args.skip,
+            layer_schemes=args.layer_scheme,
+            add_quantization_config=args.add_quantization_config,
+            max_shard_bytes=args.max_shard_size or DEFAULT_MAX_SHARD_BYTES,
+            progress=not args.no_progress,
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
+            percentile=args.percentile,
+            overwrite=args.overwrite,
+        )
+    for w in caught:
+        if "quant_core" in w.filename:
+            print(f"quant-core: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    print(summary)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            return quantize_command(args)
+    except QuantCoreError as e:
+        print(f"quant-core {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quant-core {args.command}: interrupted; the output directory was left as it was.", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Writing a checkpoint in msModelSlim's v1 layout (modelslim-tool.md §4.1-4.4), atomically.
+
+Files: ``quant_model_weights-0000i-of-0000n.safetensors`` shards (no ``__metadata__`` in their headers) with
+``quant_model_weights.safetensors.index.json``, ``quant_model_description.json`` listing every tensor plus the v1
+global keys, ``config.json`` without ``quantization_config``, and the source's other non-weight files (generation
+config, tokenizer files, ...) copied.
+
+Everything is written to a temporary directory next to ``out_dir`` and renamed into place at the end, so a failed
+or interrupted run leaves ``out_dir`` as it was (or absent).
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from quant_core.description import DESCRIPTION_FILE
+from quant_core.errors import QuantCoreError
+from quant_core.quant_types import FLOAT
+
+SHARD_PREFIX = "quant_model_weights"
+INDEX_FILE = f"{SHARD_PREFIX}.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default
+# msModelSlim v1's model_quant_type: the highest-ranked layer type. W4A8_DYNAMIC, FlatQuant and v0-only types are
+# deliberately absent, so an all-W4A8_DYNAMIC model says "FLOAT" (modelslim-tool.md §4.3).
+MODEL_QUANT_TYPE_RANKING = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8_MXFP8", "W4A8_MXFP",
+                            "W4A4_DYNAMIC", "W4A4_MXFP4")  # fmt: skip
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+def model_quant_type(types: Iterable[str]) -> str:
+    present = set(types)
+    return max((t for t in MODEL_QUANT_TYPE_RANKING if t in present), key=MODEL_QUANT_TYPE_RANKING.index, default=FLOAT)
+
+
+class ShardWriter:
+    """Collects tensors into shards of at most ``max_shard_bytes`` (a larger single tensor gets a shard of its own).
+
+    A shard is held in memory until it is full (safetensors writes the header first), so ``max_shard_bytes`` also
+    bounds the writer's memory: lower it for big models on small machines.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        if max_shard_bytes < 1:
+            raise QuantCoreError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.types: dict[str, str] = {}  # tensor name -> quant type, in write order
+        self.shard_of: dict[str, int] = {}
+        self.total_size = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards = 0
+
+    def add(self, name: str, tensor: torch.Tensor, quant_type: str) -> None:
+        if name in self.types:
+            raise QuantCoreError(f"tensor {name!r} would be written twice; two layers produce the same tensor name.")
+        tensor = tensor.detach().cpu()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # safetensors refuses views of shared storage
+        if self._pending and self._pending_bytes + tensor.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += tensor.nbytes
+        self.types[name] = quant_type
+        self.shard_of[name] = self._shards + 1
+        self.total_size += tensor.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        self._shards += 1
+        save_file(self._pending, str(self.out_dir / f".shard-{self._shards:05d}.tmp"))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Write the last shard, give every shard its final name, write the index; returns the weight map."""
+        if self._pending or not self._shards:
+            self._flush()
+        names = {i: f"{SHARD_PREFIX}-{i:05d}-of-{self._shards:05d}.safetensors" for i in range(1, self._shards + 1)}
+        umask = current_umask()
+        for i, name in names.items():
+            os.replace(self.out_dir / f".shard-{i:05d}.tmp", self.out_dir / name)
+            os.chmod(self.out_dir / name, 0o666 & ~umask)  # safetensors creates files 0600
+        weight_map = {tensor: names[i] for tensor, i in self.shard_of.items()}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        write_json(self.out_dir / INDEX_FILE, index)
+        return weight_map
+
+    @property
+    def num_shards(self) -> int:
+        return self._shards
+
+
+def write_description(out_dir: Path, types: dict[str, str], group_size: int) -> dict:
+    description = {
+        **types,
+        "version": "1.0.0",
+        "model_quant_type": model_quant_type(types.values()),
+        "metadata": {},
+        "group_size": group_size,
+        "optional": {},
+    }
+    write_json(out_dir / DESCRIPTION_FILE, description)
+    return description
+
+
+def write_config(model_dir: Path, out_dir: Path, add_quantization_config: bool) -> None:
+    """``config.json`` as msModelSlim writes it: unchanged but for ``quantization_config``, which is removed.
+
+    ``add_quantization_config`` adds ``{"quant_method": "ascend"}`` instead, for loaders that look for it. It is off
+    by default because msModelSlim strips the key and vLLM-Ascend recognises the checkpoint by its description file;
+    a ``quantization_config`` also makes plain transformers look for a quantizer named "ascend" that it lacks.
+    """
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantCoreError(f"{model_dir / 'config.json'}: not readable JSON ({e}).") from None
+    config.pop("quantization_config", None)
+    if add_quantization_config:
+        config["quantization_config"] = {"quant_method": "ascend"}
+    write_json(out_dir / "config.json", config)
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the source's top-level non-weight files (generation config, tokenizer, chat template, licence, ...)."""
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        name = path.name
+        if (
+            not path.is_file()
+            or name.startswith(".")
+            or name == "config.json"
+            or name.endswith(WEIGHT_FILE_SUFFIXES)
+            or name.endswith(WEIGHT_INDEX_SUFFIXES)
+        ):
+            continue
+        shutil.copy2(path, out_dir / name)
+        copied.append(name)
+    return copied
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary directory next to ``out_dir``; on success it replaces ``out_dir``, on error it is deleted.
+
+    With ``overwrite``, an existing ``out_dir`` is renamed aside, the new one renamed in, then the old one deleted:
+    only a crash between those two renames (microseconds) leaves ``out_dir`` missing, with the old content still in
+    ``.<name>.old-*`` next to it.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not overwrite:
+        raise QuantCoreError(f"{out_dir} already exists; choose another --out or pass --overwrite to replace it.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QuantCoreError(f"{out_dir} exists and is not a directory; refusing to replace it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "content")
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old / "content", out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
