@@ -57,3 +57,13 @@ def test_bad_index_is_named(tmp_path, content):
     (tmp_path / "m.safetensors.index.json").write_text(content)
     with pytest.raises(CheckpointTensorError, match=r"m\.safetensors\.index\.json"):
         weight_map(tmp_path)
+
+
+def test_tensor_dtypes_reads_every_shard(tmp_path):
+    from quant_core.checkpoint import tensor_dtypes
+
+    write_safetensors(tmp_path / "a.safetensors", {"x.weight": ("I8", [2, 2]), "x.deq_scale": ("I64", [2])})
+    write_safetensors(tmp_path / "b.safetensors", {"y.weight": ("BF16", [2, 2])})
+    import torch
+
+    assert tensor_dtypes(tmp_path) == {"x.weight": torch.int8, "x.deq_scale": torch.int64, "y.weight": torch.bfloat16}

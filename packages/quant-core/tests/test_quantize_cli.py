@@ -43,6 +43,28 @@ def test_cli_quantize(model, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["quantization_config"] == {"quant_method": "ascend"}
 
 
+def test_cli_smooth_gptq_kv_cache(model, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Hello world, this is calibration text.\nA second sample line, a bit longer than the first.\n")
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(model), "--out", str(out), "--scheme", "W4A8_DYNAMIC", "--calib",
+                 str(calib), "--smooth", "0.5", "--gptq", "--kv-cache", "c8", "--group-size", "64",
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "smoothing (alpha 0.5) folded into 4 norms" in printed
+    assert "14 layers quantized with GPTQ" in printed and "C8 KV-cache scales written" in printed
+    desc = QuantDescription.from_checkpoint(out)
+    assert desc.kv_cache_type == "C8" and desc.c8_layer_ids == {0, 1} and desc.group_size == 64
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--smooth ALPHA", "--gptq", "--kv-cache"))
+    assert main(["quantize", "--model", str(model), "--out", str(tmp_path / "b"), "--scheme", "W8A16", "--gptq",
+                 "--no-progress"]) == 2  # fmt: skip
+    assert "--gptq: that needs calibration text" in capsys.readouterr().err
+
+
 def test_cli_errors_exit_2(model, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["quantize", "--model", str(model), "--out", out, "--scheme", "W9A9", "--no-progress"]) == 2

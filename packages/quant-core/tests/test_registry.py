@@ -157,3 +157,9 @@ def test_default_registry_is_what_the_package_functions_use():
     assert quant_core.get_scheme.__self__ is quant_core.DEFAULT_REGISTRY
     with pytest.raises(UnsupportedSchemeError):
         quant_core.get_scheme("NOT_A_TYPE", "linear")
+
+
+def test_accepted_options(registry):
+    registry.register("W8A8_MIX", "linear")(FakeLinear)
+    assert registry.accepted_options("W8A8_MIX", "linear") == {"backend", "version", "group_size", "mode"}
+    assert "row_parallel" in quant_core.registry.accepted_options("W4A8_DYNAMIC", "linear")

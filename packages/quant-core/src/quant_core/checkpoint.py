@@ -8,8 +8,15 @@ import json
 import struct
 from pathlib import Path
 
+import torch
+
 from quant_core.errors import CheckpointTensorError
 
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 # A safetensors header is JSON; 100 MB covers the largest real ones (hundreds of thousands of tensors).
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -64,3 +71,16 @@ def weight_map(model_dir: str | Path) -> dict[str, str]:
         for shard in sorted(model_dir.glob("*.safetensors")):
             mapping.update(dict.fromkeys(safetensors_header(shard), shard.name))
     return mapping
+
+
+def tensor_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
+    """``{tensor name: dtype}`` of every tensor in a checkpoint directory, read from the safetensors headers."""
+    model_dir = Path(model_dir)
+    dtypes: dict[str, torch.dtype] = {}
+    for shard in sorted(set(weight_map(model_dir).values())):
+        for name, info in safetensors_header(model_dir / shard).items():
+            code = info.get("dtype") if isinstance(info, dict) else None
+            if code not in SAFETENSORS_DTYPES:
+                raise CheckpointTensorError(f"{shard}: tensor {name!r} has unknown safetensors dtype {code!r}.")
+            dtypes[name] = SAFETENSORS_DTYPES[code]
+    return dtypes

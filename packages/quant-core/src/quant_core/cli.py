@@ -2,8 +2,12 @@
 
     quant-core quantize --model DIR --scheme W8A8_DYNAMIC --out DIR [--calib FILE] [--group-size N]
                         [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
-                        [--calib-samples N] [--calib-seq-len N] [--percentile P] [--max-shard-size SIZE]
-                        [--overwrite] [--no-progress]
+                        [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA] [--gptq]
+                        [--kv-cache C8] [--max-shard-size SIZE] [--overwrite] [--no-progress]
+
+``--smooth ALPHA`` (0 < ALPHA < 1, e.g. 0.5) folds SmoothQuant smoothing into the RMSNorm and q/k/v, gate/up
+weights before quantizing; ``--gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead
+of round-to-nearest; ``--kv-cache C8`` adds int8 per-channel KV-cache scales. All three need ``--calib``.
 
 Also runnable as ``python -m quant_core.cli quantize ...``. Exit status 0 on success, 2 on a usage or input error.
 """
@@ -34,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = commands.add_parser(
         "quantize",
         help="quantize a float Hugging Face checkpoint into msModelSlim's v1 layout",
-        description="Round-to-nearest quantization of every linear layer (lm_head, embeddings, norms and MoE routers "
-        "stay float). Patterns are globs over whole layer names, e.g. 'model.layers.0.*' or '*.down_proj', or "
-        "'re:<regex>' searched anywhere in the name. Later --layer-scheme rules win; --skip wins over all.",
+        description="Round-to-nearest (or, with --gptq, GPTQ) quantization of every linear layer (lm_head, embeddings, "
+        "norms and MoE routers stay float), optionally after SmoothQuant smoothing (--smooth), with optional int8 "
+        "KV-cache scales (--kv-cache C8). Patterns are globs over whole layer names, e.g. 'model.layers.0.*' or "
+        "'*.down_proj', or 're:<regex>' searched anywhere in the name. Later --layer-scheme rules win; --skip wins "
+        "over all.",
     )
     q.add_argument("--model", required=True, help="float HF checkpoint directory (config.json + *.safetensors)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
@@ -46,13 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help="keep the layers matching PATTERN float")  # fmt: skip
     q.add_argument("--group-size", type=int, default=None, help="group size for W4A16 / W4A8_DYNAMIC (0: per channel)")
-    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX: .jsonl ('inputs_pretokenized' or 'text') "
-                   "or plain text, one sample per line")  # fmt: skip
+    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX, --smooth, --gptq and --kv-cache: .jsonl "
+                   "('inputs_pretokenized' or 'text') or plain text, one sample per line")  # fmt: skip
     q.add_argument("--calib-samples", type=int, default=32, help="calibration samples to use (32)")
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sample, at most (256)")
     q.add_argument("--percentile", type=float, default=None,
                    help="clip activation ranges to the P-th / (100-P)-th percentile, e.g. 99.99 "
                    "(default: min/max)")  # fmt: skip
+    q.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="SmoothQuant smoothing strength in (0, 1), e.g. 0.5: s = max|X|^ALPHA / max|W|^(1-ALPHA) per "
+        "input channel, folded into the norms and q/k/v, gate/up weights (dense MLPs; needs --calib)",
+    )
+    q.add_argument(
+        "--gptq",
+        action="store_true",
+        help="GPTQ instead of round-to-nearest for W8A16, W4A16, W4A8_DYNAMIC and W4A4_DYNAMIC layers "
+        "(MoE experts stay RTN; needs --calib)",
+    )
+    q.add_argument("--kv-cache", choices=["C8"], type=str.upper, default=None,
+                   help="write int8 per-channel KV-cache scales/offsets (C8) calibrated on --calib")  # fmt: skip
     q.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (5GB)")
     q.add_argument("--add-quantization-config", action="store_true",
                    help='add {"quant_method": "ascend"} to config.json (msModelSlim removes '
@@ -81,6 +103,9 @@ def quantize_command(args: argparse.Namespace) -> int:
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
             percentile=args.percentile,
+            smooth=args.smooth,
+            gptq=args.gptq,
+            kv_cache=args.kv_cache,
             overwrite=args.overwrite,
         )
     for w in caught:

@@ -64,6 +64,10 @@ class SchemeRegistry:
             )
         return cls(**options)
 
+    def accepted_options(self, quant_type: str, layer_kind: str) -> set[str]:
+        """The option names ``get(quant_type, layer_kind, **options)`` accepts."""
+        return _accepted_options(self.scheme_class(quant_type, layer_kind))
+
     def supported(self, layer_kind: str | None = None) -> list[tuple[str, str]]:
         """Every registered ``(quant_type, layer_kind)``, sorted; only one kind's when ``layer_kind`` is given."""
         return sorted(k for k in self._classes if layer_kind is None or k[1] == layer_kind)
@@ -115,4 +119,5 @@ DEFAULT_REGISTRY = SchemeRegistry()
 register_scheme = DEFAULT_REGISTRY.register
 get_scheme = DEFAULT_REGISTRY.get
 scheme_class = DEFAULT_REGISTRY.scheme_class
+accepted_options = DEFAULT_REGISTRY.accepted_options
 supported_schemes = DEFAULT_REGISTRY.supported

@@ -1,7 +1,8 @@
 """Static activation ranges for W8A8 / W8A8_MIX: run the float model over calibration text and watch layer inputs.
 
-The model runs in float32 on CPU through transformers (``trust_remote_code`` off), one sample per forward pass, with
-a forward pre-hook on every layer to calibrate. Per layer we keep the input's range:
+The model runs in float32 on CPU through transformers (``trust_remote_code`` off), one sample per forward pass
+(:class:`FloatModel`, shared with smoothing, GPTQ and the KV-cache observer), with a forward pre-hook on every layer
+to calibrate. Per layer we keep the input's range:
 
 * default: the global min and max over all calibration tokens;
 * ``percentile=P`` (50 < P < 100): each sample's P-th and (100-P)-th percentiles (nearest rank over all of the
@@ -14,8 +15,9 @@ key) or ``text``; any other file is plain text with one sample per non-empty lin
 own (with the tokenizer's special tokens) and cut to ``seq_len`` tokens.
 """
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,60 +111,102 @@ class RangeObserver:
         return self.lo_sum / self.calls, self.hi_sum / self.calls
 
 
-def calibrate(
-    model_dir: str | Path, layers: Sequence[str], config: CalibrationConfig, *, progress: bool = True
-) -> dict[str, tuple[float, float]]:
-    """``{layer prefix: (act_min, act_max)}`` of each layer's input over the calibration samples."""
-    import transformers
-    from tqdm.auto import tqdm
+class FloatModel:
+    """The float model (float32, CPU, ``trust_remote_code`` off) and its tokenizer, loaded once and run over the
+    calibration samples as often as the quantizer needs (smoothing statistics, then ranges / Hessians / KV cache)."""
 
-    texts = read_texts(config.path, config.samples)
-    hf_bars = transformers.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=False
-        )
-    except (OSError, ValueError) as e:
-        raise QuantCoreError(
-            f"calibration needs to run the float model and its tokenizer with transformers, which failed for "
-            f"{model_dir}: {e}"
-        ) from None
-    finally:
-        if hf_bars:
-            transformers.utils.logging.enable_progress_bar()
-    model.eval()
-    observers = {name: RangeObserver(config.percentile) for name in layers}
+    def __init__(self, model_dir: str | Path, config: CalibrationConfig, *, progress: bool = True) -> None:
+        import transformers
+
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.progress = progress
+        self.texts = read_texts(config.path, config.samples)
+        hf_bars = transformers.utils.logging.is_progress_bar_enabled()
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, trust_remote_code=False
+            )
+        except (OSError, ValueError) as e:
+            raise QuantCoreError(
+                f"calibration needs to run the float model and its tokenizer with transformers, which failed for "
+                f"{model_dir}: {e}"
+            ) from None
+        finally:
+            if hf_bars:
+                transformers.utils.logging.enable_progress_bar()
+        self.model.eval()
+
+    def module(self, name: str) -> torch.nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            examples = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+            raise QuantCoreError(
+                f"calibration: the transformers model built from {self.model_dir} has no module {name!r} (its linear "
+                f"modules are named like {', '.join(examples)}), so the input of that checkpoint layer cannot be "
+                f"observed. Quantize it with a dynamic scheme (e.g. --layer-scheme '{name}=W8A8_DYNAMIC') or --skip "
+                "it."
+            ) from None
+
+    def run(self, desc: str = "calibrating", on_cache: Callable | None = None) -> None:
+        """One forward pass per sample; ``on_cache(cache)``, if given, receives each sample's KV cache."""
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            for text in tqdm(self.texts, desc=desc, unit="sample", disable=None if self.progress else True):
+                ids = self.tokenizer(text, return_tensors="pt", truncation=True, max_length=self.config.seq_len)
+                if not ids.input_ids.numel():
+                    continue
+                out = self.model(input_ids=ids.input_ids, use_cache=on_cache is not None)
+                if on_cache is not None:
+                    on_cache(out.past_key_values)
+
+
+def calibrate(
+    model_dir: str | Path | FloatModel,
+    layers: Sequence[str],
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, tuple[float, float]]:
+    """``{layer prefix: (act_min, act_max)}`` of each layer's input over the calibration samples. ``model_dir`` may
+    be an already loaded :class:`FloatModel` (e.g. after smoothing)."""
+    if isinstance(model_dir, FloatModel):
+        session = model_dir
+    else:
+        if config is None:
+            raise QuantCoreError("calibrate() needs a CalibrationConfig when given a model directory.")
+        session = FloatModel(model_dir, config, progress=progress)
+    observers = {name: RangeObserver(session.config.percentile) for name in layers}
+    with input_hooks(session, {name: obs.update for name, obs in observers.items()}):
+        session.run()
+    check_seen({name: obs.calls for name, obs in observers.items()})
+    return {name: obs.range() for name, obs in observers.items()}
+
+
+@contextlib.contextmanager
+def input_hooks(session: FloatModel, callbacks: dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """Call ``callbacks[name](x)`` with the input of module ``name`` on every forward pass, while the block runs."""
     handles = []
     try:
-        for name, observer in observers.items():
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                examples = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
-                raise QuantCoreError(
-                    f"calibration: the transformers model built from {model_dir} has no module {name!r} (its linear "
-                    f"modules are named like {', '.join(examples)}), so the input of that checkpoint layer cannot be "
-                    "observed. Quantize it with a dynamic scheme (e.g. --layer-scheme "
-                    f"'{name}=W8A8_DYNAMIC') or --skip it."
-                ) from None
-            handles.append(module.register_forward_pre_hook(lambda _m, args, obs=observer: obs.update(args[0])))
-        with torch.no_grad():
-            for text in tqdm(texts, desc="calibrating", unit="sample", disable=None if progress else True):
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=config.seq_len).input_ids
-                if ids.numel():
-                    model(input_ids=ids, use_cache=False)
+        for name, callback in callbacks.items():
+            module = session.module(name)
+            handles.append(module.register_forward_pre_hook(lambda _m, args, cb=callback: cb(args[0])))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        del model
-    unseen = [name for name, obs in observers.items() if not obs.calls]
+
+
+def check_seen(calls: dict[str, int]) -> None:
+    unseen = [name for name, n in calls.items() if not n]
     if unseen:
         raise QuantCoreError(
             f"calibration: {len(unseen)} layer(s) never received input ({', '.join(unseen[:3])}); the forward pass "
             "does not use them (e.g. experts no token was routed to). Add calibration samples, or quantize those "
             "layers with a dynamic scheme."
         )
-    return {name: obs.range() for name, obs in observers.items()}

@@ -1,23 +1,29 @@
 """``quantize_model``: a float Hugging Face checkpoint -> an msModelSlim v1 checkpoint, round-to-nearest per layer.
 
-Steps: read the tensor table (headers only) -> plan and validate every layer's scheme -> calibrate static layers
-(W8A8, W8A8_MIX) on the float model -> stream the tensors one at a time through each layer's
-``scheme.quantize_weights`` into size-limited shards in a temporary directory -> description, config, side files ->
-rename the directory into place. Nothing is written before the plan and the calibration succeeded.
+Steps: read the tensor table (headers only) -> plan and validate every layer's scheme -> if calibration is needed,
+load the float model once and run the calibration text through it: first to collect smoothing statistics and smooth
+the model in place (``smooth``), then, in one more pass, static activation ranges (W8A8, W8A8_MIX), GPTQ Hessians
+(``gptq``) and the KV cache (``kv_cache="C8"``) -> stream the tensors one at a time through each layer's
+``scheme.quantize_weights`` (or GPTQ) into size-limited shards in a temporary directory -> description, config, side
+files -> rename the directory into place. Nothing is written before the plan and the calibration succeeded.
 """
 
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from quant_core.errors import QuantCoreError
+from quant_core.primitives import encode_scale_int64
 from quant_core.quant_types import FLOAT
-from quant_core.quantize.calibrate import CalibrationConfig, calibrate
+from quant_core.quantize.calibrate import CalibrationConfig, FloatModel, RangeObserver, check_seen, input_hooks
+from quant_core.quantize.gptq import GPTQ_SCHEMES, HessianAccumulator, checkpoint_tensors, gptq_quantize, grid_for
+from quant_core.quantize.kvcache import C8, KVCacheObserver, attention_prefixes
 from quant_core.quantize.plan import STATIC_SCHEMES, LinearLayer, QuantPlan, build_plan, parse_rules
+from quant_core.quantize.smooth import Smoothing, check_alpha, smooth_model, smoothing_groups
 from quant_core.quantize.source import SourceCheckpoint
 from quant_core.quantize.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -40,6 +46,11 @@ class QuantizeSummary:
     num_shards: int
     num_tensors: int
     calibrated_layers: int
+    smoothed_norms: int = 0
+    smooth_alpha: float | None = None
+    gptq_layers: int = 0
+    kv_cache: str | None = None
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         width = max(map(len, self.layers_per_scheme), default=0)
@@ -47,6 +58,13 @@ class QuantizeSummary:
         lines += [f"  {qt:<{width}}  {n} layers" for qt, n in sorted(self.layers_per_scheme.items())]
         if self.calibrated_layers:
             lines.append(f"  {self.calibrated_layers} layers calibrated (static activation ranges)")
+        if self.smooth_alpha is not None:
+            lines.append(f"  smoothing (alpha {self.smooth_alpha:g}) folded into {self.smoothed_norms} norms")
+        if self.gptq_layers:
+            lines.append(f"  {self.gptq_layers} layers quantized with GPTQ")
+        if self.kv_cache:
+            lines.append(f"  {self.kv_cache} KV-cache scales written (int8 per channel)")
+        lines += [f"  note: {note}" for note in self.notes]
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
         lines.append(
             f"  size {_mb(self.bytes_before)} -> {_mb(self.bytes_after)} ({ratio:.0%}), {self.num_tensors} tensors "
@@ -57,6 +75,17 @@ class QuantizeSummary:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+@dataclass
+class Calibrated:
+    """Everything the calibration passes produced, consumed by :func:`write_tensors`."""
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # static layer -> (act_min, act_max)
+    smoothing: Smoothing | None = None
+    hessians: dict[str, HessianAccumulator] = field(default_factory=dict)  # GPTQ layer -> its inputs' XᵀX
+    kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # C8 tensors by name
+    notes: list[str] = field(default_factory=list)
 
 
 def quantize_model(
@@ -74,15 +103,22 @@ def quantize_model(
     calib_samples: int = 32,
     calib_seq_len: int = 256,
     percentile: float | None = None,
+    smooth: float | None = None,
+    gptq: bool = False,
+    kv_cache: str | None = None,
     overwrite: bool = False,
 ) -> QuantizeSummary:
     """Quantize the float checkpoint in ``model_dir`` into ``out_dir`` (msModelSlim v1 layout).
 
     ``scheme`` is the default for every linear layer; ``layer_schemes`` (``"PATTERN=SCHEME"``) and ``skip``
     (patterns kept FLOAT) override it (see :mod:`quant_core.quantize.plan` for the pattern rules). ``calib`` is the
-    calibration text that static schemes (W8A8, W8A8_MIX) need; ``percentile`` clips its ranges. ``group_size`` is
-    the description's global group size (W4A16, W4A8_DYNAMIC; 0 = per channel). ``out_dir`` must not exist unless
-    ``overwrite``; it is replaced atomically.
+    calibration text that static schemes (W8A8, W8A8_MIX), ``smooth``, ``gptq`` and ``kv_cache`` need;
+    ``percentile`` clips static ranges. ``group_size`` is the description's global group size (W4A16, W4A8_DYNAMIC;
+    0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
+    (:mod:`~quant_core.quantize.smooth`); ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with
+    GPTQ instead of round-to-nearest (:mod:`~quant_core.quantize.gptq`); ``kv_cache="C8"`` writes int8 KV-cache
+    scales (:mod:`~quant_core.quantize.kvcache`). ``out_dir`` must not exist unless ``overwrite``; it is replaced
+    atomically.
     """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -90,32 +126,41 @@ def quantize_model(
         raise QuantCoreError(f"--out {out_dir} is the model directory itself; write the quantized model elsewhere.")
     if out_dir.exists() and not overwrite:
         raise QuantCoreError(f"{out_dir} already exists; choose another --out or pass --overwrite to replace it.")
+    alpha = None if smooth is None else check_alpha(smooth)
+    kv_cache = _check_kv_cache(kv_cache)
     source = SourceCheckpoint(model_dir)
     plan = build_plan(source, scheme, rules=parse_rules(skip, layer_schemes), group_size=group_size)
+    gptq_layers = _gptq_layers(plan) if gptq else []
 
-    ranges: dict[str, tuple[float, float]] = {}
     static = plan.static_layers
+    needs = []
     if static:
-        if calib is None:
-            names = ", ".join(sorted({layer.quant_type for layer in static}))
-            raise QuantCoreError(
-                f"{len(static)} layers use static activation quantization ({names}, e.g. {static[0].prefix}), which "
-                "needs calibration text: pass --calib FILE (a .jsonl with 'inputs_pretokenized' or 'text' fields, "
-                "or plain text with one sample per line), or choose a dynamic scheme such as W8A8_DYNAMIC."
-            )
+        names = ", ".join(sorted({layer.quant_type for layer in static}))
+        needs.append(f"{len(static)} layers use static activation quantization ({names}, e.g. {static[0].prefix})")
+    needs += ["--smooth"] * (alpha is not None) + ["--gptq"] * bool(gptq) + [f"--kv-cache {kv_cache}"] * bool(kv_cache)
+    calibrated = Calibrated()
+    if needs and calib is None:
+        raise QuantCoreError(
+            f"{'; '.join(needs)}: that needs calibration text, so pass --calib FILE (a .jsonl with "
+            "'inputs_pretokenized' or 'text' fields, or plain text with one sample per line)"
+            + (", or choose a dynamic scheme such as W8A8_DYNAMIC." if static else ".")
+        )
+    if needs:
         config = CalibrationConfig(Path(calib), calib_samples, calib_seq_len, percentile)
-        ranges = share_fused_ranges(plan, calibrate(model_dir, [layer.prefix for layer in static], config,
-                                                    progress=progress))  # fmt: skip
+        calibrated = run_calibration(source, plan, config, alpha, gptq_layers, kv_cache, progress=progress)
     elif calib is not None or percentile is not None:
         warnings.warn(
-            f"calibration ignored: no layer uses a static scheme ({', '.join(sorted(STATIC_SCHEMES))}).", stacklevel=2
+            f"calibration ignored: no layer uses a static scheme ({', '.join(sorted(STATIC_SCHEMES))}), and neither "
+            "--smooth, --gptq nor --kv-cache was given.",
+            stacklevel=2,
         )
 
+    extra_globals = {"kv_cache_type": kv_cache, "kv_quant_type": kv_cache} if kv_cache else {}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        write_tensors(source, plan, ranges, writer, progress=progress)
+        write_tensors(source, plan, calibrated, writer, progress=progress)
         writer.finish()
-        write_description(tmp, writer.types, plan.group_size)
+        write_description(tmp, writer.types, plan.group_size, extra_globals)
         write_config(model_dir, tmp, add_quantization_config)
         copy_side_files(model_dir, tmp)
     source.close()
@@ -127,8 +172,93 @@ def quantize_model(
         seconds=time.perf_counter() - start,
         num_shards=writer.num_shards,
         num_tensors=len(writer.types),
-        calibrated_layers=len(ranges),
+        calibrated_layers=len(calibrated.ranges),
+        smoothed_norms=len(calibrated.smoothing.norms) if calibrated.smoothing else 0,
+        smooth_alpha=alpha,
+        gptq_layers=len(calibrated.hessians),
+        kv_cache=kv_cache,
+        notes=tuple(calibrated.notes),
     )
+
+
+def _check_kv_cache(kv_cache: str | None) -> str | None:
+    if kv_cache is None:
+        return None
+    if str(kv_cache).strip().upper() != C8:
+        raise QuantCoreError(f"kv_cache must be 'C8' (int8 per-channel KV cache), got {kv_cache!r}.")
+    return C8
+
+
+def _gptq_layers(plan: QuantPlan) -> list[LinearLayer]:
+    layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and not layer.expert_block]
+    if not layers:
+        used = ", ".join(sorted({layer.quant_type for layer in plan.quantized})) or "none"
+        raise QuantCoreError(
+            f"--gptq applies to dense {', '.join(GPTQ_SCHEMES)} layers, and no layer uses those (schemes used: "
+            f"{used}). Pick one of them with --scheme / --layer-scheme, or drop --gptq."
+        )
+    return layers
+
+
+def run_calibration(
+    source: SourceCheckpoint,
+    plan: QuantPlan,
+    config: CalibrationConfig,
+    alpha: float | None,
+    gptq_layers: list[LinearLayer],
+    kv_cache: str | None,
+    *,
+    progress: bool = True,
+) -> Calibrated:
+    """Load the float model once; smooth it (its own pass), then one pass for ranges, Hessians and the KV cache."""
+    session = FloatModel(source.model_dir, config, progress=progress)
+    result = Calibrated()
+    try:
+        if alpha is not None:
+            groups, skipped = smoothing_groups(source, plan, session.model.config.model_type)
+            norm_dtypes = {f"{g.norm}.weight": source.tensors[f"{g.norm}.weight"].torch_dtype for g in groups}
+            result.smoothing = smooth_model(session, groups, alpha, norm_dtypes)
+            result.smoothing.skipped = skipped
+            if skipped:
+                result.notes.append(f"not smoothed: {'; '.join(skipped[:2])}{' ...' if len(skipped) > 2 else ''}")
+            if not groups:
+                result.notes.append("no norm could be smoothed")
+
+        observers = {layer.prefix: RangeObserver(config.percentile) for layer in plan.static_layers}
+        callbacks = {name: obs.update for name, obs in observers.items()}
+        owner = _hessian_owners(plan, gptq_layers)
+        accumulators = {prefix: HessianAccumulator() for prefix in set(owner.values())}
+        for prefix, acc in accumulators.items():
+            if prefix in callbacks:  # static and GPTQ on one layer cannot happen (no GPTQ for static schemes)
+                raise QuantCoreError(f"{prefix}: both static calibration and GPTQ requested.")
+            callbacks[prefix] = acc.update
+        kv_observer = KVCacheObserver(attention_prefixes(plan.linears)) if kv_cache else None
+        if callbacks or kv_observer:
+            with input_hooks(session, callbacks):
+                session.run(on_cache=kv_observer)
+        check_seen({name: obs.calls for name, obs in observers.items()})
+        check_seen({name: acc.tokens for name, acc in accumulators.items()})
+        result.ranges = share_fused_ranges(plan, {name: obs.range() for name, obs in observers.items()})
+        result.hessians = {prefix: accumulators[key] for prefix, key in owner.items()}
+        if kv_observer is not None:
+            result.kv_tensors = kv_observer.tensors()
+        experts = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and layer.expert_block]
+        if gptq_layers and experts:
+            result.notes.append(f"{len(experts)} MoE expert layers use round-to-nearest (GPTQ needs per-expert inputs)")
+    finally:
+        del session
+    return result
+
+
+def _hessian_owners(plan: QuantPlan, layers: list[LinearLayer]) -> dict[str, str]:
+    """GPTQ layer -> the layer whose inputs give its Hessian: fused shards read one input, so they share one."""
+    chosen = {layer.prefix for layer in layers}
+    owner = {p: p for p in chosen}
+    for group in plan.fused_groups:
+        members = [p for p in group if p in chosen]
+        if members:
+            owner.update(dict.fromkeys(members, members[0]))
+    return owner
 
 
 def share_fused_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -146,15 +276,23 @@ def share_fused_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) 
 def write_tensors(
     source: SourceCheckpoint,
     plan: QuantPlan,
-    ranges: dict[str, tuple[float, float]],
+    calibrated: Calibrated | dict[str, tuple[float, float]],
     writer: ShardWriter,
     *,
     progress: bool = True,
 ) -> None:
-    """Every source tensor, in natural name order: quantized linears become their scheme's tensors, the rest is
-    copied unchanged (typed FLOAT). One layer's tensors are in memory at a time."""
+    """Every source tensor, in natural name order: quantized linears become their scheme's tensors (from the smoothed
+    weights, with GPTQ where a Hessian was collected), smoothed norms are replaced, the rest is copied unchanged
+    (typed FLOAT); C8 tensors follow their k_proj / v_proj. One layer's tensors are in memory at a time."""
     from tqdm.auto import tqdm
 
+    if not isinstance(calibrated, Calibrated):
+        calibrated = Calibrated(ranges=calibrated)
+    smoothing = calibrated.smoothing
+    norms = smoothing.norms if smoothing else {}
+    kv_by_layer: dict[str, list[str]] = {}
+    for name in calibrated.kv_tensors:
+        kv_by_layer.setdefault(name.rpartition(".")[0], []).append(name)
     quantized = {f"{layer.prefix}.weight": layer for layer in plan.quantized}
     biases = {f"{layer.prefix}.bias" for layer in plan.quantized if layer.has_bias}
     schemes: dict[tuple[str, bool], object] = {}
@@ -162,32 +300,56 @@ def write_tensors(
     try:
         for name in source.tensors:
             layer = quantized.get(name)
+            prefix = name.removesuffix(".weight")
             if layer is None:
                 if name not in biases:
-                    writer.add(name, source.read(name), FLOAT)
-                continue
-            key = (layer.quant_type, layer.row_parallel)
-            if key not in schemes:
-                schemes[key] = plan.scheme_for(layer)
-            bias = source.read(f"{layer.prefix}.bias") if layer.has_bias else None
-            for suffix, tensor in quantize_layer(schemes[key], layer, source.read(name), bias, ranges).items():
-                writer.add(f"{layer.prefix}.{suffix}", tensor, layer.quant_type)
-            if bias is not None:
-                writer.add(f"{layer.prefix}.bias", bias, FLOAT)  # kept as is; W8A8 also folds it into quant_bias
-            bar.set_postfix_str(layer.prefix, refresh=False)
-            bar.update()
+                    writer.add(name, norms[name] if name in norms else source.read(name), FLOAT)
+            else:
+                key = (layer.quant_type, layer.row_parallel)
+                if key not in schemes:
+                    schemes[key] = plan.scheme_for(layer)
+                bias = source.read(f"{layer.prefix}.bias") if layer.has_bias else None
+                weight = source.read(name)
+                if smoothing is not None:
+                    weight = smoothing.weight(layer.prefix, weight)
+                hessian = calibrated.hessians.get(layer.prefix)
+                tensors = quantize_layer(schemes[key], layer, weight, bias, calibrated.ranges, hessian)
+                for suffix, tensor in tensors.items():
+                    writer.add(f"{layer.prefix}.{suffix}", tensor, layer.quant_type)
+                if bias is not None:
+                    writer.add(f"{layer.prefix}.bias", bias, FLOAT)  # kept as is; W8A8 also folds it into quant_bias
+                bar.set_postfix_str(layer.prefix, refresh=False)
+                bar.update()
+            if name.endswith(".weight"):
+                for kv_name in kv_by_layer.get(prefix, ()):
+                    writer.add(kv_name, calibrated.kv_tensors[kv_name], C8)
     finally:
         bar.close()
 
 
 def quantize_layer(
-    scheme, layer: LinearLayer, weight: torch.Tensor, bias: torch.Tensor | None, ranges: dict[str, tuple[float, float]]
+    scheme,
+    layer: LinearLayer,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ranges: dict[str, tuple[float, float]],
+    hessian: HessianAccumulator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One layer's checkpoint tensors, checked against the scheme's own specs before they are written."""
-    calibration = {}
-    if layer.is_static:
-        calibration = dict(zip(("act_min", "act_max"), ranges[layer.prefix], strict=True))
+    """One layer's checkpoint tensors (RTN, or GPTQ given the inputs' Hessian), checked against the scheme's own
+    specs before they are written."""
+    source_dtype = layer.weight.torch_dtype
     with torch.no_grad():
-        tensors = scheme.quantize_weights(weight, bias, **calibration)
-    check_tensors(scheme.weight_specs(layer.in_features, layer.out_features, weight.dtype), tensors, layer.prefix)
+        if hessian is not None:
+            grid = grid_for(layer.quant_type, scheme, layer.in_features, layer.out_features)
+            result = gptq_quantize(weight, hessian.hessian(), grid, layer=layer.prefix)
+            tensors = checkpoint_tensors(layer.quant_type, result, row_parallel=getattr(scheme, "row_parallel", False))
+        else:
+            calibration = {}
+            if layer.is_static:
+                calibration = dict(zip(("act_min", "act_max"), ranges[layer.prefix], strict=True))
+            tensors = scheme.quantize_weights(weight, bias, **calibration)
+    deq = tensors.get("deq_scale")
+    if deq is not None and deq.dtype == torch.float32 and source_dtype == torch.float16 != weight.dtype:
+        tensors["deq_scale"] = encode_scale_int64(deq)  # smoothed weights are fp32: keep the fp16 model's encoding
+    check_tensors(scheme.weight_specs(layer.in_features, layer.out_features, source_dtype), tensors, layer.prefix)
     return tensors

@@ -98,14 +98,16 @@ class ShardWriter:
         return self._shards
 
 
-def write_description(out_dir: Path, types: dict[str, str], group_size: int) -> dict:
+def write_description(out_dir: Path, types: dict[str, str], group_size: int, extra_globals: dict | None = None) -> dict:
+    """Every tensor's type plus the v1 global keys (and ``extra_globals``, e.g. C8's ``kv_cache_type``)."""
     description = {
         **types,
         "version": "1.0.0",
-        "model_quant_type": model_quant_type(types.values()),
+        "model_quant_type": model_quant_type(t for t in types.values() if t != "C8"),
         "metadata": {},
         "group_size": group_size,
         "optional": {},
+        **(extra_globals or {}),
     }
     write_json(out_dir / DESCRIPTION_FILE, description)
     return description
