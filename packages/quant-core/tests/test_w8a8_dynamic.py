@@ -151,3 +151,14 @@ def test_chooser_explains_an_impossible_backend():
 def test_auto_prefers_the_fast_cpu_kernel():
     runtime = quant_core.get_scheme("W8A8_DYNAMIC", "linear").process_weights(checkpoint(64, 48))
     assert runtime.kernel.name == "cpu-fbgemm-int8-dynamic"
+
+
+def test_cpu_kernel_is_batch_invariant():
+    # True per-token quantization gives a row the same result whatever else is in the batch; the fbgemm kernel
+    # pins its per-tensor range so that it does too (vLLM batches rows differently from a plain forward).
+    scheme = quant_core.get_scheme("W8A8_DYNAMIC", "linear", backend="cpu")
+    runtime = scheme.process_weights(checkpoint(96, 48))
+    x = make_input((5,), 96, torch.float32) * torch.tensor([0.1, 1.0, 10.0, 3.0, 0.5])[:, None]
+    batched = scheme.apply(runtime, x)
+    one_by_one = torch.cat([scheme.apply(runtime, row[None]) for row in x])
+    assert torch.equal(batched, one_by_one)

@@ -58,7 +58,7 @@ class FbgemmInt8Dynamic(LinearKernel):
     """fbgemm ``quantized.linear_dynamic`` with each row first scaled to unit absmax (the per-token trick of
     ``cpu-kernels.md`` §4), so its per-tensor activation grid acts per token; 7-bit activations
     (``reduce_range``) avoid the int16 saturation of AVX2 ``vpmaddubsw``. Not bit-identical to the NPU
-    (a different activation grid); error vs the float layer is comparable (see the tests)."""
+    (7-bit instead of 8-bit activations); error vs the float layer is comparable (see the tests)."""
 
     name = "cpu-fbgemm-int8-dynamic"
     backend = "cpu"
@@ -72,13 +72,21 @@ class FbgemmInt8Dynamic(LinearKernel):
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float()
-        if x32.shape[0] == 1:  # one row: fbgemm's per-tensor grid already is the per-token one
-            y = torch.ops.quantized.linear_dynamic(x32, runtime["packed_weight"], True)
-            return y if bias is None else y.add_(bias)
-        # A zero row stays zero: 0 / tiny = 0. Few, in-place ops: at M=1 each costs as much as ~10 % of the GEMM.
+        # A zero row stays zero: 0 / tiny = 0.
         amax = x32.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
-        y = torch.ops.quantized.linear_dynamic(x32 / amax, runtime["packed_weight"], True).mul_(amax)
+        # fbgemm takes one range for the whole batch. A pinning row holding -1 and +1 fixes that range to [-1, 1],
+        # the range of every normalized row, so each row gets the same symmetric grid whatever else is in the batch
+        # (batch-invariant results, like true per-token quantization).
+        rows = torch.cat((x32 / amax, self._pin(x32.shape[-1])))
+        y = torch.ops.quantized.linear_dynamic(rows, runtime["packed_weight"], True)[:-1].mul_(amax)
         return y if bias is None else y.add_(bias)
+
+    @staticmethod
+    def _pin(k: int) -> torch.Tensor:
+        pin = torch.zeros(1, k)
+        pin[0, 0] = -1.0
+        pin[0, -1] = 1.0  # K = 1 gives [1.0]: still a range containing [0, 1], and such layers do not exist
+        return pin
 
 
 class NpuInt8Dynamic(LinearKernel):
