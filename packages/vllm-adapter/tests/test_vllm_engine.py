@@ -100,3 +100,29 @@ def test_engine_matches_transformers_runtime(workdir, kind, scheme, options):
     for pos, token in enumerate(tokens):
         if (top2[pos, 0] - top2[pos, 1]).item() > LOGPROB_TOL:
             assert logprobs[pos].argmax().item() == token, f"greedy token {pos} differs"
+
+
+def test_float_model_with_quantization_ascend_says_what_to_do(workdir):
+    float_dir = workdir / "llama"
+    if not float_dir.exists():
+        make_tiny_model("llama", float_dir)
+    # vLLM wraps our DescriptionNotFoundError (a ValueError) in its config validation error; the message survives.
+    with pytest.raises(ValueError, match=r"(?s)no quant_model_description\.json.*drop `--quantization ascend`"):
+        vllm.LLM(model=str(float_dir), quantization="ascend", dtype="float32", enforce_eager=True, max_model_len=128)
+
+
+def test_description_for_another_model_names_the_layer(workdir):
+    model_dir = build(workdir, "qwen3", "W8A8_DYNAMIC", {})
+    broken = workdir / "qwen3-renamed-description"
+    if not broken.exists():
+        import json
+        import shutil
+
+        shutil.copytree(model_dir, broken)
+        path = broken / "quant_model_description.json"
+        desc = json.loads(path.read_text())
+        path.write_text(json.dumps({k.replace("layers.1.", "layers.7."): v for k, v in desc.items()}))
+    from quant_core import LayerLookupError
+
+    with pytest.raises(LayerLookupError, match=r"model\.layers\.1\.self_attn\.qkv_proj"):
+        vllm.LLM(model=str(broken), quantization="ascend", dtype="float32", enforce_eager=True, max_model_len=128)
