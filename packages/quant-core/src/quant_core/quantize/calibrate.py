@@ -128,7 +128,10 @@ class FloatModel:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32, trust_remote_code=False
+                model_dir,
+                dtype=torch.float32,
+                trust_remote_code=False,
+                use_safetensors=True,  # never pickle
             )
         except (OSError, ValueError) as e:
             raise QuantCoreError(
