@@ -16,6 +16,7 @@ from quant_core.kernels.base import LinearKernel, LinearKernelConfig
 from quant_core.primitives import int_matmul, quantize_per_token
 
 ACL_FORMAT_FRACTAL_NZ = 29
+SEVEN_BIT_SCALE, SEVEN_BIT_ZERO_POINT = 2 / 127, 64  # [-1, 1] on u8 0..127: no int16 saturation on AVX2
 
 
 def torch_npu_available() -> tuple[bool, str]:
@@ -55,9 +56,9 @@ class ReferenceInt8Dynamic(LinearKernel):
 
 
 class FbgemmInt8Dynamic(LinearKernel):
-    """fbgemm ``quantized.linear_dynamic`` with each row first scaled to unit absmax (the per-token trick of
-    ``cpu-kernels.md`` §4), so its per-tensor activation grid acts per token; 7-bit activations
-    (``reduce_range``) avoid the int16 saturation of AVX2 ``vpmaddubsw``. Not bit-identical to the NPU
+    """fbgemm's int8 GEMM with each row first scaled to unit absmax (the per-token trick of ``cpu-kernels.md`` §4)
+    and quantized on one fixed 7-bit grid, so it acts per token; 7-bit activations avoid the int16 saturation of
+    AVX2 ``vpmaddubsw``. Not bit-identical to the NPU
     (7-bit instead of 8-bit activations); error vs the float layer is comparable (see the tests)."""
 
     name = "cpu-fbgemm-int8-dynamic"
@@ -72,21 +73,14 @@ class FbgemmInt8Dynamic(LinearKernel):
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float()
-        # A zero row stays zero: 0 / tiny = 0.
-        amax = x32.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
-        # fbgemm takes one range for the whole batch. A pinning row holding -1 and +1 fixes that range to [-1, 1],
-        # the range of every normalized row, so each row gets the same symmetric grid whatever else is in the batch
-        # (batch-invariant results, like true per-token quantization).
-        rows = torch.cat((x32 / amax, self._pin(x32.shape[-1])))
-        y = torch.ops.quantized.linear_dynamic(rows, runtime["packed_weight"], True)[:-1].mul_(amax)
+        amax = x32.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)  # a zero row stays zero: 0 / tiny = 0
+        # Every normalized row spans at most [-1, 1]; quantizing with that fixed grid (7 bits: u8 0..127, zero point
+        # 64), instead of letting fbgemm pick one range for the whole batch, gives each row the same result whatever
+        # else is in the batch, like true per-token quantization (vLLM batches rows differently from a forward).
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x32 / amax, SEVEN_BIT_SCALE, SEVEN_BIT_ZERO_POINT, runtime["packed_weight"]
+        ).mul_(amax)
         return y if bias is None else y.add_(bias)
-
-    @staticmethod
-    def _pin(k: int) -> torch.Tensor:
-        pin = torch.zeros(1, k)
-        pin[0, 0] = -1.0
-        pin[0, -1] = 1.0  # K = 1 gives [1.0]: still a range containing [0, 1], and such layers do not exist
-        return pin
 
 
 class NpuInt8Dynamic(LinearKernel):
