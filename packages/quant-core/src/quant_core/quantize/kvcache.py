@@ -1,4 +1,4 @@
-"""C8 KV-cache scales: static asymmetric int8 per channel of each attention layer's cached keys and values.
+"""C8 KV-cache scales: static symmetric int8 per channel of each attention layer's cached keys and values.
 
 Written tensors (modelslim-tool.md §4.12, modelslim-format.md §6.1), float32 ``[num_kv_heads * head_dim]``, typed
 ``"C8"``: ``<attn>.k_proj.kv_cache_scale``, ``<attn>.k_proj.kv_cache_offset``, ``<attn>.v_proj.kv_cache_scale``,
@@ -12,9 +12,10 @@ its KV cache during the calibration passes, which are those. (Ranges of the raw 
 the cached keys: ``k_norm`` rescales each head and RoPE mixes channel d with d ± head_dim/2.) RoPE makes the cached
 key range depend on position; positions past the calibration length can exceed it slightly and are clipped.
 
-Per channel: ``lo = min(0, min x)``, ``hi = max(0, max x)``, ``scale = (hi - lo) / 255``,
-``offset = round(-128 - lo / scale)`` (an integer zero point stored as float32), so every calibration value maps
-into [-128.5, 127.5] and dequantizes within half a step. A channel that is always 0 gets scale 1 and offset -128.
+Per channel: ``scale = max|x| / 127`` and ``offset = 0``, so every calibration value dequantizes within half a step.
+Symmetric, as msModelSlim 26.1.0 writes C8 (its ``kv_cache_offset`` tensors are all zero: checked on its output in
+the compat harness), and as vLLM-Ascend's prefill-with-cache path assumes (it dequantizes ``k_q · scale`` and
+ignores the offset). A channel that is always 0 gets scale 1.
 """
 
 import re
@@ -58,19 +59,16 @@ class KVCacheObserver:
             raise QuantCoreError("KV cache calibration saw no tokens; add calibration samples.")
         out = {}
         for (i, kind), lo in self.lo.items():
-            scale, offset = asymmetric_int8(lo, self.hi[(i, kind)])
+            scale, offset = symmetric_int8(lo, self.hi[(i, kind)])
             proj = f"{self.prefixes[i]}.{kind}_proj"
             out[f"{proj}.kv_cache_scale"], out[f"{proj}.kv_cache_offset"] = scale, offset
         return out
 
 
-def asymmetric_int8(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    qmin, qmax = INT8_RANGE
-    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
-    scale = (hi - lo) / (qmax - qmin)
+def symmetric_int8(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.maximum(lo.float().abs(), hi.float().abs()) / INT8_RANGE[1]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    offset = torch.round(qmin - lo / scale)
-    return scale, offset
+    return scale, torch.zeros_like(scale)
 
 
 def attention_prefixes(linears) -> list[str]:
