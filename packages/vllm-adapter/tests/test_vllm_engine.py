@@ -127,3 +127,16 @@ def test_description_for_another_model_names_the_layer(workdir):
 
     with pytest.raises(LayerLookupError, match=r"model\.layers\.1\.self_attn\.qkv_proj"):
         vllm.LLM(model=str(broken), quantization="ascend", dtype="float32", enforce_eager=True, max_model_len=128)
+
+
+def test_modelslim_checkpoint_without_quantization_flag_is_detected(workdir):
+    model_dir = build(workdir, "qwen3", "W8A8_DYNAMIC", {})
+    llm = vllm.LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=1)
+    try:
+        assert llm.llm_engine.vllm_config.model_config.quantization == "ascend"
+        assert "ModelSlimLinearMethod" in llm.collective_rpc(quant_methods)[0]
+        out = llm.generate([PROMPT], vllm.SamplingParams(max_tokens=2, temperature=0.0))[0]
+        assert len(out.outputs[0].token_ids) == 2
+    finally:
+        del llm
+        gc.collect()
