@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from linear_inputs import record_linear_inputs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -44,16 +45,7 @@ def calib(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def observed(model) -> dict[str, torch.Tensor]:
     """Every linear's inputs over the calibration texts, recorded here independently of the quantizer."""
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    seen: dict[str, list[torch.Tensor]] = {}
-    for name, module in net.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0]))
-    with torch.no_grad():
-        for text in TEXTS:
-            net(input_ids=tok(text, return_tensors="pt", truncation=True, max_length=SEQ_LEN).input_ids)
-    return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for name, xs in seen.items()}
+    return record_linear_inputs(model, TEXTS, SEQ_LEN)
 
 
 def quantize(model, out, calib, **options) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from linear_inputs import record_linear_inputs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -47,16 +48,7 @@ def calib(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def inputs(model) -> dict[str, torch.Tensor]:
     """Every linear's calibration inputs, recorded here independently of the quantizer."""
-    tok = transformers.AutoTokenizer.from_pretrained(model)
-    net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    seen: dict[str, list[torch.Tensor]] = {}
-    for name, module in net.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0][0]))
-    with torch.no_grad():
-        for text in TEXTS:
-            net(input_ids=tok(text, return_tensors="pt", truncation=True, max_length=SEQ_LEN).input_ids)
-    return {name: torch.cat(xs) for name, xs in seen.items()}
+    return record_linear_inputs(model, TEXTS, SEQ_LEN)
 
 
 def dequantized_layers(out: Path, group_size: int) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from linear_inputs import record_linear_inputs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -109,19 +110,8 @@ def layer_outputs(ckpt: Path, source: Path, x_float: dict[str, torch.Tensor]) ->
 
 @pytest.fixture(scope="module")
 def float_inputs(outlier_model) -> dict[str, torch.Tensor]:
-    tok = transformers.AutoTokenizer.from_pretrained(outlier_model)
-    net = transformers.AutoModelForCausalLM.from_pretrained(outlier_model, dtype=torch.float32)
-    seen: dict[str, list[torch.Tensor]] = {}
-    for i in range(2):
-        for proj in SMOOTHED:
-            name = f"model.layers.{i}.{proj}"
-            net.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, name=name: seen.setdefault(name, []).append(args[0][0])
-            )
-    with torch.no_grad():
-        for text in TEXTS:
-            net(input_ids=tok(text, return_tensors="pt", truncation=True, max_length=SEQ_LEN).input_ids)
-    return {name: torch.cat(xs) for name, xs in seen.items()}
+    names = [f"model.layers.{i}.{proj}" for i in range(2) for proj in SMOOTHED]
+    return record_linear_inputs(outlier_model, TEXTS, SEQ_LEN, names)
 
 
 @pytest.mark.parametrize("scheme", ["W8A8", "W8A8_DYNAMIC"])
