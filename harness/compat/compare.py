@@ -122,7 +122,18 @@ def modelslim_type_problems(case: Case, theirs: Checkpoint) -> list[str]:
     return []
 
 
+def _scale_values(tensor: torch.Tensor) -> torch.Tensor:
+    """A scale as float64; MX E8M0 exponents (uint8) as the powers of two ``2^(code - 127)`` they stand for."""
+    return torch.exp2(tensor.double() - 127) if tensor.dtype == torch.uint8 else tensor.double()
+
+
 def _codes(tensor: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Integer codes: int4 unpacked (pairs along N); FP8 as its bit patterns (equal iff the same value; a difference
+    of 1 is one step for values of one sign); MXFP4 bytes as their two E2M1 codes (0..15, sign in bit 3)."""
+    if tensor.dtype == torch.float8_e4m3fn:
+        return tensor.view(torch.uint8)
+    if tensor.dtype == torch.uint8:
+        return torch.stack((tensor & 0xF, tensor >> 4), dim=-1)
     return unpack_int4_rows(tensor) if packed else tensor
 
 
@@ -163,7 +174,7 @@ def code_agreement(theirs: Checkpoint, ours: Checkpoint) -> CodeAgreement:
         prefix = name.removesuffix("weight")
         for suffix, table in (("weight_scale", relative), ("input_scale", relative), ("input_offset", absolute)):
             if prefix + suffix in theirs.tensors and prefix + suffix in ours.tensors:
-                a, b = theirs.tensor(prefix + suffix).double(), ours.tensor(prefix + suffix).double()
+                a, b = _scale_values(theirs.tensor(prefix + suffix)), _scale_values(ours.tensor(prefix + suffix))
                 diff = (a - b).abs() / (b.abs() if table is relative else 1.0)
                 table[suffix] = max(table.get(suffix, 0.0), diff.max().item())
     return CodeAgreement(

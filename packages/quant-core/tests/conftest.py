@@ -2,6 +2,7 @@ import sys
 
 import npu_emulator
 import npu_emulator_moe
+import npu_emulator_mx
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ def npu(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", npu_emulator)
     for op in MOE_OPS:
         monkeypatch.setattr(npu_emulator, op, getattr(npu_emulator_moe, op), raising=False)
+    for name, value in npu_emulator_mx.OPS.items():  # FP8 / MX modes and dtypes
+        monkeypatch.setattr(npu_emulator, name, value, raising=False)
     npu_emulator.calls.clear()
     yield npu_emulator.calls
     npu_emulator.calls.clear()

@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the layers matching PATTERN another scheme (FLOAT keeps them float)")  # fmt: skip
     q.add_argument("--skip", action="extend", nargs="+", default=[], metavar="PATTERN",
                    help="keep the layers matching PATTERN float")  # fmt: skip
-    q.add_argument("--group-size", type=int, default=None, help="group size for W4A16 / W4A8_DYNAMIC (0: per channel)")
-    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX, --smooth, --gptq and --kv-cache: .jsonl "
-                   "('inputs_pretokenized' or 'text') or plain text, one sample per line")  # fmt: skip
+    q.add_argument("--group-size", type=int, default=None,
+                   help="group size for W4A16 / W4A8_DYNAMIC (0: per channel; MX types: always 32)")  # fmt: skip
+    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX / W8A8S, --smooth, --gptq and --kv-cache: "
+                   ".jsonl ('inputs_pretokenized' or 'text') or plain text, one sample per line")  # fmt: skip
     q.add_argument("--calib-samples", type=int, default=32, help="calibration samples to use (32)")
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sample, at most (256)")
     q.add_argument("--percentile", type=float, default=None,

@@ -47,9 +47,11 @@ ROW_PARALLEL = frozenset({"o_proj", "down_proj", "w2", "dense", "out_proj"})
 ALWAYS_FLOAT = frozenset({"lm_head", "embed_tokens", "embeddings", "wte", "wpe", "gate", "router",
                           "shared_expert_gate"})  # fmt: skip
 # Schemes whose activation quantization is static: they need calibration statistics.
-STATIC_SCHEMES = frozenset({"W8A8", "W8A8_MIX"})
+STATIC_SCHEMES = frozenset({"W8A8", "W8A8_MIX", "W8A8S"})
 # Schemes that read the description's global group_size.
 GROUPED_SCHEMES = frozenset({"W4A16", "W4A8_DYNAMIC"})
+# Schemes whose block size is part of the format (the MX types: 32) declare it as FIXED_GROUP_SIZE; msModelSlim
+# writes that value as the global group_size.
 ROW_PARALLEL_CHUNKS = 16  # msModelSlim's row-parallel scale_bias splits K into 16 partial sums
 
 _EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")
@@ -222,10 +224,11 @@ def build_plan(
                 "embeddings, norms and MoE routers are never quantized). Fix the pattern."
             )
 
-    plan = QuantPlan(linears, group, _fused_groups(linears))
+    fixed = _fixed_group_size(linears, group_size)
+    plan = QuantPlan(linears, fixed or group, _fused_groups(linears))
     _check_fused(plan)
     _check_experts(plan)
-    _check_group_divides(plan, group_size)
+    _check_group_divides(plan, None if fixed else group_size)
     _check_shapes(plan)
     return plan
 
@@ -296,6 +299,37 @@ def _check_experts(plan: QuantPlan) -> None:
                 f"scheme to run them. MoE experts support: {moe}. Add e.g. --layer-scheme '*.experts.*=W8A8_DYNAMIC' "
                 "or --skip '*.experts.*'."
             )
+
+
+def _fixed_group_size(linears: dict[str, LinearLayer], requested: int | None) -> int:
+    """The global group_size that block-format layers (MX: 32) impose, or 0 when no layer has one."""
+    fixed = {}
+    for layer in linears.values():
+        if layer.quant_type == FLOAT:
+            continue
+        size = getattr(scheme_class(layer.quant_type, "linear"), "FIXED_GROUP_SIZE", 0)
+        if size:
+            fixed.setdefault(size, layer)
+    if not fixed:
+        return 0
+    if len(fixed) > 1:
+        raise QuantCoreError(
+            f"layers with different fixed block sizes cannot share one checkpoint: {_listing(fixed.values())}."
+        )
+    size, first = next(iter(fixed.items()))
+    if requested not in (None, size):
+        raise QuantCoreError(
+            f"--group-size {requested}: {first.quant_type} layers (e.g. {first.prefix}) use blocks of {size}, and the "
+            f"description has one global group_size, which must then be {size}. Drop --group-size."
+        )
+    grouped = [layer for layer in linears.values() if layer.quant_type in GROUPED_SCHEMES]
+    if grouped:
+        raise QuantCoreError(
+            f"{first.quant_type} layers (e.g. {first.prefix}) set the description's global group_size to {size}, which "
+            f"{grouped[0].quant_type} layers (e.g. {grouped[0].prefix}) would read as their own group size. Give those "
+            "layers another scheme (e.g. W8A8_DYNAMIC), or quantize the model without MX layers."
+        )
+    return size
 
 
 def _check_group_divides(plan: QuantPlan, requested: int | None) -> None:

@@ -112,7 +112,7 @@ def quantize_model(
 
     ``scheme`` is the default for every linear layer; ``layer_schemes`` (``"PATTERN=SCHEME"``) and ``skip``
     (patterns kept FLOAT) override it (see :mod:`quant_core.quantize.plan` for the pattern rules). ``calib`` is the
-    calibration text that static schemes (W8A8, W8A8_MIX), ``smooth``, ``gptq`` and ``kv_cache`` need;
+    calibration text that static schemes (W8A8, W8A8_MIX, W8A8S), ``smooth``, ``gptq`` and ``kv_cache`` need;
     ``percentile`` clips static ranges. ``group_size`` is the description's global group size (W4A16, W4A8_DYNAMIC;
     0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
     (:mod:`~quant_core.quantize.smooth`); ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with

@@ -26,10 +26,12 @@ from quant_core.quant_types import FLOAT
 SHARD_PREFIX = "quant_model_weights"
 INDEX_FILE = f"{SHARD_PREFIX}.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default
-# msModelSlim v1's model_quant_type: the highest-ranked layer type. W4A8_DYNAMIC, FlatQuant and v0-only types are
-# deliberately absent, so an all-W4A8_DYNAMIC model says "FLOAT" (modelslim-tool.md §4.3).
-MODEL_QUANT_TYPE_RANKING = ("FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8_MXFP8", "W4A8_MXFP",
-                            "W4A4_DYNAMIC", "W4A4_MXFP4")  # fmt: skip
+# msModelSlim v1's model_quant_type: the highest-ranked layer type (its QUANT_TYPE_PRIORITY in 26.1.0). W4A8_DYNAMIC
+# and FlatQuant types are deliberately absent, so an all-W4A8_DYNAMIC model says "FLOAT" (modelslim-tool.md §4.3).
+# Ours adds W8A8S (v0-only; v0 names the single type it wrote) and upstream vllm-ascend's alias W8A8FP8_DYNAMIC.
+MODEL_QUANT_TYPE_RANKING = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S",
+                            "W8A8FP8_DYNAMIC", "WFP8AFP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC",
+                            "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_MXFP4_SVD")  # fmt: skip
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
