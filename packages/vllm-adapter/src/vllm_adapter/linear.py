@@ -1,65 +1,162 @@
-"""The linear method: registers a scheme's checkpoint tensors as vLLM parameters, then runs the scheme."""
+"""The linear method: registers a scheme's checkpoint tensors as vLLM parameters, then runs the scheme. The same for
+a quantized ``lm_head`` (``ModelSlimEmbeddingMethod``).
+
+Tensor parallelism: a column-parallel layer's tensors split along the output dim (vLLM's loaders do it), a
+row-parallel layer's along the input dim, each by its own extent (``TensorSpec.shard_shape``: e.g. W4A8's
+row-parallel ``scale_bias [N, 16]`` keeps 16/tp partial sums per rank, per-group scales K/g/tp groups). Static
+W8A8's ``quant_bias`` holds whole-row sums (activation zero point, folded bias): on a row-parallel layer only rank
+0 adds it, as the scheme's contract asks. FlatQuant transforms mix the whole input row, which a row-parallel rank
+does not hold: refused under tensor parallelism.
+"""
+
+import dataclasses
 
 import torch
+import torch.nn.functional as F
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     LinearMethodBase,
+    QKVParallelLinear,
     RowParallelLinear,
     register_weight_loader_v2_supported_method,
 )
 
-from quant_core import CheckpointTensorError, get_scheme
-from quant_core.registry import accepted_options
-from vllm_adapter.params import checkpoint_dtype, make_parameter
+from quant_core import CheckpointTensorError, DescriptionError, TensorSpec, UnsupportedSchemeError
+from vllm_adapter.params import checkpoint_dtype, is_whole_per_shard, make_parameter
 
 
 @register_weight_loader_v2_supported_method
 class ModelSlimLinearMethod(LinearMethodBase):
     """One quantized linear layer (column, merged, QKV or row parallel) served by ``quant_core``.
 
-    ``shard_prefixes``: the checkpoint prefixes of the layer's shards (``...q_proj``, ``...k_proj``, ``...v_proj``
-    for a fused ``qkv_proj``), used to tell which optional tensors the checkpoint has and how it stores them.
+    ``shards``: the checkpoint prefixes of the layer's shards, in vLLM's order (``...q_proj``, ``...k_proj``,
+    ``...v_proj`` for a fused ``qkv_proj``); ``shard_prefixes`` are those the checkpoint has (Gemma 4 may lack v_proj).
+    Every stored tensor is checked against the scheme's specs before vLLM loads it (a description naming the wrong
+    quant type stops with quant-core's error naming the tensor), then registered as a vLLM parameter.
     """
 
-    def __init__(self, config, quant_type: str, prefix: str, shard_prefixes: list[str]) -> None:
+    def __init__(self, config, quant_type: str, prefix: str, shards: list[str]) -> None:
         self.config = config
         self.quant_type = quant_type
         self.prefix = prefix
-        self.shard_prefixes = shard_prefixes
+        self.shards = shards
+        self.shard_prefixes = [s for s in shards if f"{s}.weight" in config.description.entries]
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype,
         **extra_weight_attrs,
     ):  # fmt: skip
-        desc = self.config.description
-        options = {"version": desc.version, "group_size": desc.group_size}
-        if "row_parallel" in accepted_options(self.quant_type, "linear"):
-            options["row_parallel"] = isinstance(layer, RowParallelLinear)
-        scheme = get_scheme(self.quant_type, "linear", **options)
-        specs = scheme.weight_specs(input_size_per_partition, sum(output_partition_sizes), params_dtype)
+        row = isinstance(layer, RowParallelLinear)
+        tp_size = getattr(layer, "tp_size", 1) if row else 1
+        scheme = self.config.scheme(self.quant_type, "linear", self.shard_prefixes[0], row_parallel=row)
+        # a row-parallel layer: the full layer's specs, then this rank's slice of each
+        specs = scheme.weight_specs(input_size if row else input_size_per_partition, sum(output_partition_sizes),
+                                    params_dtype)  # fmt: skip
+        self._check_stored_tensors(scheme, layer, input_size, output_partition_sizes, params_dtype)
+        if tp_size > 1:
+            specs = {name: self._row_shard(spec, tp_size) for name, spec in specs.items()}
+        entries, dtypes = self.config.description.entries, self.config.tensors
         weight_loader = extra_weight_attrs["weight_loader"]
         names = []
         for name, spec in specs.items():
             keys = [f"{shard}.{name}" for shard in self.shard_prefixes]
-            if spec.optional and not any(k in desc.entries for k in keys):
+            if spec.optional and not any(k in entries for k in keys):
                 continue  # e.g. v1 static W8A8 has no weight_scale: do not register what will not be loaded
-            dtype = checkpoint_dtype(spec, self.config.tensor_dtypes.get(keys[0]), keys[0])
+            stored = dtypes[keys[0]].dtype if keys[0] in dtypes else None
+            dtype = checkpoint_dtype(spec, stored, keys[0])
             layer.register_parameter(name, make_parameter(spec, dtype, weight_loader, len(output_partition_sizes)))
             names.append(name)
         layer.modelslim_scheme = scheme
         layer.modelslim_params = names
-        layer.modelslim_per_shard = [n for n in names if specs[n].per_shard_scalar]
+        num_shards = len(output_partition_sizes)
+        layer.modelslim_per_shard = [
+            n for n in names if specs[n].per_shard_scalar or is_whole_per_shard(specs[n], num_shards)
+        ]
+        layer.modelslim_zero_on_other_ranks = row and getattr(layer, "tp_rank", 0) > 0
 
-    def process_weights_after_loading(self, layer) -> None:
+    def _check_stored_tensors(self, scheme, layer, k: int, partition_sizes: list[int], params_dtype) -> None:
+        """quant-core's ``TensorSpec.check`` on each shard's stored shapes and dtypes (from the safetensors headers)."""
+        if len(self.shards) != len(partition_sizes):
+            raise DescriptionError(
+                f"layer {self.prefix!r}: the packed-module table maps it to {len(self.shards)} checkpoint shard(s) "
+                f"({', '.join(self.shards)}), but vLLM builds it from {len(partition_sizes)}. Fix the table for "
+                f"model_type {self.config.model_type!r} in model_mappings (it must list the shards in vLLM's order)."
+            )
+        for shard, n in zip(self.shards, self.full_sizes(layer, partition_sizes), strict=True):
+            stored = self.config.owned_tensors(shard)
+            for name, spec in scheme.weight_specs(k, n, params_dtype).items():
+                if name in stored:
+                    spec.check(torch.empty(stored[name].shape, dtype=stored[name].dtype, device="meta"), shard)
+
+    @staticmethod
+    def full_sizes(layer, partition_sizes: list[int]) -> list[int]:
+        """Each shard's output size in the checkpoint (before tensor-parallel sharding)."""
+        if not isinstance(layer, ColumnParallelLinear):
+            return [layer.output_size]
+        replicas = [1] * len(partition_sizes)
+        if isinstance(layer, QKVParallelLinear):  # k/v heads repeat on ranks when there are fewer than ranks
+            replicas[1:] = [layer.num_kv_head_replicas] * (len(partition_sizes) - 1)
+        return [size * layer.tp_size // r for size, r in zip(partition_sizes, replicas, strict=True)]
+
+    def _row_shard(self, spec: TensorSpec, tp_size: int) -> TensorSpec:
+        if spec.input_dim is None:
+            if spec.name in ("left_trans", "right_trans"):
+                raise UnsupportedSchemeError(
+                    f"row-parallel layer {self.prefix!r} is {self.quant_type}: its FlatQuant transform mixes the "
+                    f"whole input row, which tensor parallelism ({tp_size} ranks) splits. Serve with "
+                    "--tensor-parallel-size 1, or quantize o_proj/down_proj with a non-FlatQuant scheme."
+                )
+            return spec  # replicated
+        if spec.shape[spec.input_dim] == 1:  # one group spanning K (e.g. W4A16 with group_size 0): replicated
+            return dataclasses.replace(spec, input_dim=None)
+        return dataclasses.replace(spec, shape=spec.shard_shape("row", tp_size))
+
+    def checkpoint_tensors(self, layer) -> dict[str, torch.Tensor]:
+        """The loaded tensors, handed over to the scheme (vLLM's parameters are dropped from the layer)."""
         tensors = {name: layer._parameters.pop(name).data for name in layer.modelslim_params}
-        for name in layer.modelslim_per_shard:  # one activation quantizer for the fused matmul
+        for name in layer.modelslim_per_shard:  # one activation quantizer / transform for the fused matmul
             slots = tensors[name]
             if not torch.equal(slots, slots[:1].expand_as(slots)):
+                shown = f" {slots.flatten().tolist()}" if slots.numel() <= 8 else ""
                 raise CheckpointTensorError(
-                    f"{self.prefix}.{name}: the fused shards {', '.join(self.shard_prefixes)} carry different values "
-                    f"{slots.tolist()}; one fused matmul needs one. Re-quantize with a shared activation range."
+                    f"{self.prefix}.{name}: the fused shards {', '.join(self.shard_prefixes)} carry different "
+                    f"values{shown}; their shared input goes through one fused matmul, which needs one. Re-quantize "
+                    "with one activation range / transform for these shards."
                 )
-            tensors[name] = slots[:1].clone()
+            tensors[name] = (slots[0] if slots.dim() > 1 else slots[:1]).clone()
+        if layer.modelslim_zero_on_other_ranks and "quant_bias" in tensors:
+            tensors["quant_bias"] = torch.zeros_like(tensors["quant_bias"])  # rank 0 adds the whole row's sum
+        return tensors
+
+    def process_weights_after_loading(self, layer) -> None:
+        tensors = self.checkpoint_tensors(layer)
         layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.modelslim_scheme.apply(layer.modelslim_runtime, x, bias)
+
+
+@register_weight_loader_v2_supported_method
+class ModelSlimEmbeddingMethod(ModelSlimLinearMethod):
+    """A quantized ``lm_head`` (``ParallelLMHead``): the linear scheme over this rank's vocabulary rows, as upstream's
+    ``AscendEmbeddingMethod``. vLLM pads the vocabulary (to a multiple of 64 per rank) with zero rows; they are not
+    quantized rows (zero scales), so the scheme runs on the real rows and the padded logits are zeros."""
+
+    @staticmethod
+    def full_sizes(layer, partition_sizes: list[int]) -> list[int]:
+        return [layer.org_vocab_size]
+
+    def process_weights_after_loading(self, layer) -> None:
+        tensors = self.checkpoint_tensors(layer)
+        rows, padded = layer.num_org_embeddings_per_partition, layer.num_embeddings_per_partition
+        if rows < padded:
+            specs = layer.modelslim_scheme.weight_specs(layer.embedding_dim, padded, layer.params_dtype)
+            for name, spec in specs.items():
+                if name in tensors and spec.output_dim is not None:
+                    tensors[name] = tensors[name].narrow(spec.output_dim, 0, rows // spec.packed_factor)
+        layer.modelslim_padding = padded - rows
+        layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().apply(layer, x, bias)
+        return F.pad(logits, (0, layer.modelslim_padding)) if layer.modelslim_padding else logits

@@ -5,7 +5,7 @@ from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 from vllm.model_executor.utils import set_weight_attrs
 
-from quant_core import get_scheme
+from quant_core import UnsupportedSchemeError
 from vllm_adapter.params import checkpoint_dtype
 
 # Suffixes vLLM's expert loader routes through its scale path; GROUP slices w2 along its input dim under TP.
@@ -24,9 +24,14 @@ class ModelSlimMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):  # fmt: skip
         desc = self.config.description
+        if self.moe.moe_parallel_config.use_ep:
+            raise UnsupportedSchemeError(
+                f"MoE layer {self.prefix!r}: expert parallelism is not supported by the ModelSlim MoE method yet. "
+                "Serve without --enable-expert-parallel (tensor parallelism then splits every expert instead)."
+            )
         extra_weight_attrs.pop("unpadded_hidden_size", None)
         extra_weight_attrs.pop("global_num_experts", None)
-        scheme = get_scheme(self.quant_type, "moe", version=desc.version, group_size=desc.group_size)
+        scheme = self.config.scheme(self.quant_type, "moe", f"{self.prefix}.0.gate_proj")
         specs = scheme.weight_specs(num_experts, hidden_size, intermediate_size_per_partition, params_dtype)
         names = []
         for name, spec in specs.items():
@@ -34,7 +39,8 @@ class ModelSlimMoEMethod(FusedMoEMethodBase):
             key = f"{self.prefix}.0.{'gate_proj' if proj == 'w13' else 'down_proj'}.{suffix}"
             if spec.optional and key not in desc.entries:
                 continue
-            dtype = checkpoint_dtype(spec, self.config.tensor_dtypes.get(key), key)
+            stored = self.config.tensors[key].dtype if key in self.config.tensors else None
+            dtype = checkpoint_dtype(spec, stored, key)
             param = torch.nn.Parameter(torch.empty(spec.shape, dtype=dtype), requires_grad=False)
             layer.register_parameter(name, param)
             set_weight_attrs(param, extra_weight_attrs)
@@ -54,12 +60,11 @@ class ModelSlimMoEMethod(FusedMoEMethodBase):
         return None
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        unsupported = "shared experts" if shared_experts is not None else None
-        if getattr(layer, "expert_map", None) is not None:
-            unsupported = "expert parallelism"
-        if unsupported:
-            raise NotImplementedError(f"{self.prefix}: {unsupported} is not supported by the ModelSlim MoE method yet")
+        # Shared experts are not ours to run: with no fused kernel that could overlap them (moe_kernel is None),
+        # vLLM's MoE runner computes them itself and adds them to what this returns.
         activation = str(getattr(layer, "activation", "silu")).lower()
         if "silu" not in activation:
-            raise NotImplementedError(f"{self.prefix}: activation {activation!r}; ModelSlim MoE schemes run SwiGLU")
+            raise UnsupportedSchemeError(
+                f"MoE layer {self.prefix!r}: activation {activation!r}; the ModelSlim MoE schemes compute SwiGLU."
+            )
         return layer.modelslim_scheme.apply(layer.modelslim_runtime, x, topk_weights, topk_ids.long(), "silu")

@@ -27,10 +27,33 @@ def checkpoint_dtype(spec: TensorSpec, stored: torch.dtype | None, where: str) -
     return stored
 
 
+class ShardSlotsParameter(BasevLLMParameter):
+    """A tensor every shard of a fused layer carries whole (a FlatQuant transform of the shared input): one slot per
+    shard, ``[num_shards, *shape]``, so the method can check that the shards agree instead of keeping the last."""
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, shard_id, **kwargs) -> None:
+        self.data[self._shard_id_as_int(shard_id)].copy_(loaded_weight)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, shard_id, **kwargs) -> None:
+        self.data[self._shard_id_as_int(shard_id)].copy_(loaded_weight)
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        self.data.copy_(loaded_weight.expand_as(self.data))
+
+    load_row_parallel_weight = load_column_parallel_weight
+
+
+def is_whole_per_shard(spec: TensorSpec, num_shards: int) -> bool:
+    """Whether a fused layer keeps one copy of ``spec`` per shard (see :class:`ShardSlotsParameter`)."""
+    return num_shards > 1 and not spec.per_shard_scalar and spec.output_dim is None and spec.input_dim is None
+
+
 def make_parameter(spec: TensorSpec, dtype: torch.dtype, weight_loader, num_shards: int = 1) -> BasevLLMParameter:
     """A vLLM parameter for a linear layer's checkpoint tensor."""
     if spec.per_shard_scalar:  # one slot per fused shard (q, k, v each bring their own scalar)
         return PerTensorScaleParameter(data=torch.empty(num_shards, dtype=dtype), weight_loader=weight_loader)
+    if is_whole_per_shard(spec, num_shards):
+        return ShardSlotsParameter(data=torch.empty(num_shards, *spec.shape, dtype=dtype), weight_loader=weight_loader)
     data = torch.empty(spec.shape, dtype=dtype)
     if spec.packed_dim is not None:
         return PackedvLLMParameter(

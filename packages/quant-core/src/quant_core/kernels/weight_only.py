@@ -78,7 +78,8 @@ class Int8PackMM(LinearKernel):
     def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         offset = tensors["weight_offset"].flatten()
         return {
-            "weight": tensors["weight"].contiguous(),
+            # a fresh (64-byte aligned) copy: the kernel faults on the arbitrary offsets of safetensors mmaps
+            "weight": tensors["weight"].clone(memory_format=torch.contiguous_format),
             "ones": torch.ones(self.config.out_features, dtype=torch.bfloat16),
             "weight_scale": tensors["weight_scale"].flatten(),
             "weight_offset": offset if offset.any() else None,
