@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from quant_core.kernels.base import LinearKernel, LinearKernelConfig
 from quant_core.kernels.int8_dynamic import (
-    FbgemmInt8Dynamic,
+    FbgemmInt8DynamicInt4Weights,
     NpuInt8Dynamic,
     ReferenceInt8Dynamic,
     torch_npu_available,
@@ -50,7 +50,7 @@ class NpuW4A8Dynamic(NpuInt8Dynamic):
         return {"weight": npu_int4_words(tensors["weight"]), "weight_scale": tensors["weight_scale"]}
 
 
-W4A8_CHANNEL_KERNELS = (NpuW4A8Dynamic, NpuInt8Dynamic, FbgemmInt8Dynamic, ReferenceInt8Dynamic)
+W4A8_CHANNEL_KERNELS = (NpuW4A8Dynamic, NpuInt8Dynamic, FbgemmInt8DynamicInt4Weights, ReferenceInt8Dynamic)
 
 
 # --- per-group (two-step, A16 compute) -----------------------------------------------------------------------
