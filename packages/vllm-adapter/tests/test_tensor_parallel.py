@@ -45,10 +45,10 @@ PER_RANK_SCALES = ("llama", "W8A8_DYNAMIC", 0, [
     r"re:layers\.1\.mlp\.down_proj=W8A8_MIX",
 ])  # fmt: skip
 # fp32 with the reference kernels: the ranks' partial sums are exact up to float32 summation order (1e-7 relative),
-# which moves logprobs by ~1e-6 (measured: 4.8e-7 on both models); 1e-4 leaves room for an activation rounding
-# flipped by such a difference, while a wrong slice, a doubled quant_bias or a dropped bias moves them by > 1e-2
-# (quant_bias added on both ranks: other tokens altogether).
-EXACT_TOL = 1e-4
+# which moves logprobs by ~1e-6 (measured: 4.8e-7 on both models) unless that difference flips one activation code
+# at a rounding tie downstream (seen once on a loaded CI machine: 2.0e-3); a wrong slice, a doubled quant_bias or a
+# dropped bias moves them by > 1e-2 (quant_bias added on both ranks: other tokens altogether).
+EXACT_TOL = 5e-3
 # Per-rank activation scales: each half-row is quantized on a finer or equal grid than the whole row, so the two
 # runs differ by at most the quantization noise of those layers (measured: 0.056 nats); a sharding error is
 # of order 1 (random logits).
