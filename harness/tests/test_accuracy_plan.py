@@ -1,0 +1,45 @@
+"""The accuracy session's plan: which items the float model and each scheme score (no lm-eval, no model)."""
+
+import pytest
+
+from harness.accuracy.run import SMOKE_LIMITS, TASK_DATA, plan, select, task_limits
+from harness.configs import RunConfig, schemes
+
+MODEL = "smollm2-135m"
+
+
+def test_every_configured_task_is_a_known_local_task_and_limits_agree():
+    configs = select(MODEL, None, smoke=False)
+    assert [c.scheme for c in configs] == schemes(MODEL) and configs[0].scheme == "FLOAT"
+    limits = task_limits(configs, smoke=False)
+    assert limits and set(limits) <= set(TASK_DATA)
+    for config in configs[1:]:
+        assert config.gates.get("ppl_ratio_max"), f"{config.path}: no perplexity gate"
+
+
+def test_float_scores_what_every_scheme_scores():
+    runs = plan(select(MODEL, "W8A16,W4A16", smoke=False), smoke=False)
+    baseline = runs[0]
+    for run in runs[1:]:
+        for task, items in run.samples.items():
+            assert baseline.samples[task] == items
+
+
+def test_smoke_keeps_two_schemes_and_small_limits():
+    runs = plan(select(MODEL, None, smoke=True), smoke=True)
+    assert [r.config.scheme for r in runs] == ["FLOAT", "W8A16", "W8A8_DYNAMIC"]
+    for run in runs:
+        assert all(len(items) <= SMOKE_LIMITS[task] for task, items in run.samples.items())
+
+
+def test_disagreeing_limits_are_refused():
+    tasks = ("wiki_ppl_local",)
+    float_ = RunConfig(MODEL, "FLOAT", tasks=tasks, limits={"wiki_ppl_local": 10})
+    scheme = RunConfig(MODEL, "W8A16", tasks=tasks, limits={"wiki_ppl_local": 5})
+    with pytest.raises(SystemExit, match="must score the same items"):
+        task_limits([float_, scheme], smoke=False)
+
+
+def test_limits_are_clipped_to_the_data():
+    config = RunConfig(MODEL, "FLOAT", tasks=("owt_ppl_local",), limits={"owt_ppl_local": 10**6})
+    assert task_limits([config], smoke=False) == {"owt_ppl_local": 20}  # harness/data/owt_ppl.jsonl has 20 docs
