@@ -1,7 +1,8 @@
 """Recovery gates: a quantized scheme against the float model measured in the same run, on the same items.
 
 Perplexity: `ppl_ratio = ppl(scheme) / ppl(float)` must be `<= ppl_ratio_max`. Both runs score the same documents,
-so the ratio is a paired measurement with little sampling noise.
+so the ratio is a paired measurement with little sampling noise. `ppl_ratio_min` is the reverse check, for a baseline
+recipe that is expected to stay broken (so that a better recipe's gain over it is measured, not assumed).
 
 Accuracy: `recovery = acc(scheme) / acc(float)`. A raw `recovery >= acc_ratio_min` would fail at random on small
 samples (stderr ~0.07 at n = 50), so the gate allows what sampling noise explains at the sample size: the scheme
@@ -23,8 +24,9 @@ class Gate:
     """One gate's verdict. `value` is the scheme's ratio to float, `bound` what it was compared with."""
 
     task: str
-    metric: str
+    metric: str  # "ppl_ratio" or "acc_ratio"
     value: float
+    op: str  # "<=" or ">=": how value must compare with bound
     bound: float
     passed: bool
     rule: str
@@ -54,7 +56,13 @@ def accuracy_floor(acc_float: float, n: int, ratio_min: float, z: float = Z_ONE_
 
 def ppl_gate(task: str, ppl_scheme: float, ppl_float: float, ratio_max: float) -> Gate:
     value = ratio(ppl_scheme, ppl_float)
-    return Gate(task, "ppl_ratio", value, ratio_max, value <= ratio_max, f"ppl ratio <= {ratio_max:g}")
+    return Gate(task, "ppl_ratio", value, "<=", ratio_max, value <= ratio_max, f"ppl ratio <= {ratio_max:g}")
+
+
+def ppl_floor_gate(task: str, ppl_scheme: float, ppl_float: float, ratio_min: float) -> Gate:
+    """The reverse check (`ppl_ratio_min`): the scheme must be at least this much worse than float."""
+    value = ratio(ppl_scheme, ppl_float)
+    return Gate(task, "ppl_ratio", value, ">=", ratio_min, value >= ratio_min, f"ppl ratio >= {ratio_min:g}")
 
 
 def accuracy_gate(
@@ -64,4 +72,4 @@ def accuracy_gate(
     floor = accuracy_floor(acc_float, n, ratio_min, z)
     passed = acc_scheme >= floor
     rule = f"acc >= wilson_lower({ratio_min:g} × float, n={n}) = {floor:.4f}"
-    return Gate(task, "acc_ratio", ratio(acc_scheme, acc_float), ratio(floor, acc_float), passed, rule)
+    return Gate(task, "acc_ratio", ratio(acc_scheme, acc_float), ">=", ratio(floor, acc_float), passed, rule)

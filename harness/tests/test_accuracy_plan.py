@@ -14,7 +14,7 @@ def test_every_configured_task_is_a_known_local_task_and_limits_agree():
     limits = task_limits(configs, smoke=False)
     assert limits and set(limits) <= set(TASK_DATA)
     for config in configs[1:]:
-        assert config.gates.get("ppl_ratio_max"), f"{config.path}: no perplexity gate"
+        assert {"ppl_ratio_max", "ppl_ratio_min"} & set(config.gates), f"{config.path}: no perplexity gate"
 
 
 def test_float_scores_what_every_scheme_scores():
@@ -30,6 +30,12 @@ def test_smoke_keeps_two_schemes_and_small_limits():
     assert [r.config.scheme for r in runs] == ["FLOAT", "W8A16", "W8A8_DYNAMIC"]
     for run in runs:
         assert all(len(items) <= SMOKE_LIMITS[task] for task, items in run.samples.items())
+
+
+def test_unknown_gates_are_refused_before_anything_runs():
+    config = RunConfig(MODEL, "W8A16", tasks=("wiki_ppl_local",), gates={"ppl_ratio": 1.01})
+    with pytest.raises(SystemExit, match="unknown gates"):
+        task_limits([config], smoke=False)
 
 
 def test_disagreeing_limits_are_refused():

@@ -3,11 +3,14 @@
     quant-core quantize --model DIR --scheme W8A8_DYNAMIC --out DIR [--calib FILE] [--group-size N]
                         [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
                         [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA] [--gptq]
-                        [--kv-cache C8] [--max-shard-size SIZE] [--overwrite] [--no-progress]
+                        [--kv-cache C8] [--flatquant-epochs N] [--max-shard-size SIZE] [--overwrite]
+                        [--no-progress]
 
 ``--smooth ALPHA`` (0 < ALPHA < 1, e.g. 0.5) folds SmoothQuant smoothing into the RMSNorm and q/k/v, gate/up
 weights before quantizing; ``--gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead
 of round-to-nearest; ``--kv-cache C8`` adds int8 per-channel KV-cache scales. All three need ``--calib``.
+``*_FLATQUANT_DYNAMIC`` layers learn their transforms on ``--calib`` (``--calib-samples`` windows of
+``--calib-seq-len`` tokens, ``--flatquant-epochs`` passes); without ``--calib`` they get identity transforms.
 
 Also runnable as ``python -m quant_core.cli quantize ...``. Exit status 0 on success, 2 on a usage or input error.
 """
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 
 from quant_core.errors import QuantCoreError
 
+FLATQUANT_EPOCHS = 2  # quant_core.quantize.flatquant.FlatQuantConfig.epochs (not imported: keeps --help fast)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -53,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the layers matching PATTERN float")  # fmt: skip
     q.add_argument("--group-size", type=int, default=None,
                    help="group size for W4A16 / W4A8_DYNAMIC (0: per channel; MX types: always 32)")  # fmt: skip
-    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX / W8A8S, --smooth, --gptq and --kv-cache: "
+    q.add_argument("--calib", help="calibration text for W8A8 / W8A8_MIX / W8A8S, FlatQuant, --smooth, --gptq and "
+                   "--kv-cache: "
                    ".jsonl ('inputs_pretokenized' or 'text') or plain text, one sample per line")  # fmt: skip
-    q.add_argument("--calib-samples", type=int, default=32, help="calibration samples to use (32)")
+    q.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration samples to use (32; FlatQuant: windows of --calib-seq-len tokens)")  # fmt: skip
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sample, at most (256)")
     q.add_argument("--percentile", type=float, default=None,
                    help="clip activation ranges to the P-th / (100-P)-th percentile, e.g. 99.99 "
@@ -76,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--kv-cache", choices=["C8"], type=str.upper, default=None,
                    help="write int8 per-channel KV-cache scales/offsets (C8) calibrated on --calib")  # fmt: skip
+    q.add_argument("--flatquant-epochs", type=int, default=None, metavar="N",
+                   help="FlatQuant training passes over the calibration windows per decoder layer (default "
+                   f"{FLATQUANT_EPOCHS}; 0: initial transforms, no training). More epochs, samples or tokens per "
+                   "sample trade time for accuracy")  # fmt: skip
     q.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (5GB)")
     q.add_argument("--add-quantization-config", action="store_true",
                    help='add {"quant_method": "ascend"} to config.json (msModelSlim removes '
@@ -107,6 +117,7 @@ def quantize_command(args: argparse.Namespace) -> int:
             smooth=args.smooth,
             gptq=args.gptq,
             kv_cache=args.kv_cache,
+            flatquant_epochs=args.flatquant_epochs,
             overwrite=args.overwrite,
         )
     for w in caught:

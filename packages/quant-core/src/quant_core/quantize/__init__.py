@@ -8,9 +8,10 @@
 
 Modules: ``source`` (reading the float checkpoint one tensor at a time), ``plan`` (each layer's scheme and the
 checks run before anything is written), ``calibrate`` (the float model run over calibration text; static activation
-ranges), ``smooth`` (SmoothQuant smoothing folded into norms and weights), ``gptq`` (GPTQ on the schemes' RTN
-grids), ``kvcache`` (C8 int8 KV-cache scales), ``writer`` (shards, index, description, config; atomic output
-directory), ``quantizer`` (``quantize_model``). Needs the ``hf`` extra.
+ranges), ``smooth`` (SmoothQuant smoothing folded into norms and weights), ``flatquant`` (FlatQuant transforms
+learned layer by layer for the ``*_FLATQUANT_DYNAMIC`` schemes), ``gptq`` (GPTQ on the schemes' RTN grids),
+``kvcache`` (C8 int8 KV-cache scales), ``writer`` (shards, index, description, config; atomic output directory),
+``quantizer`` (``quantize_model``). Needs the ``hf`` extra.
 """
 
 from quant_core.quantize.calibrate import CalibrationConfig, FloatModel, calibrate, read_texts

@@ -144,9 +144,10 @@ class QuantPlan:
     def scheme_counts(self) -> Counter[str]:
         return Counter(layer.quant_type for layer in self.linears.values())
 
-    def scheme_for(self, layer: LinearLayer):
-        """The linear scheme instance that quantizes ``layer`` (row-parallel variant where the scheme has one)."""
-        options: dict = {"version": "1.0.0", "group_size": self.group_size}
+    def scheme_for(self, layer: LinearLayer, **extra):
+        """The linear scheme instance that quantizes ``layer`` (row-parallel variant where the scheme has one);
+        ``extra`` options go to the scheme as well (FlatQuant transform sizes)."""
+        options: dict = {"version": "1.0.0", "group_size": self.group_size, **extra}
         if layer.row_parallel and "row_parallel" in _init_params(scheme_class(layer.quant_type, "linear")):
             options["row_parallel"] = True
         return get_scheme(layer.quant_type, "linear", backend="reference", **options)

@@ -2,8 +2,9 @@
 
 Steps: read the tensor table (headers only) -> plan and validate every layer's scheme -> if calibration is needed,
 load the float model once and run the calibration text through it: first to collect smoothing statistics and smooth
-the model in place (``smooth``), then, in one more pass, static activation ranges (W8A8, W8A8_MIX), GPTQ Hessians
-(``gptq``) and the KV cache (``kv_cache="C8"``) -> stream the tensors one at a time through each layer's
+the model in place (``smooth``), to fit the FlatQuant transforms layer by layer (``flatquant``), then, in one more
+pass, static activation ranges (W8A8, W8A8_MIX), GPTQ Hessians (``gptq``) and the KV cache (``kv_cache="C8"``) ->
+stream the tensors one at a time through each layer's
 ``scheme.quantize_weights`` (or GPTQ) into size-limited shards in a temporary directory -> description, config, side
 files -> rename the directory into place. Nothing is written before the plan and the calibration succeeded.
 """
@@ -20,6 +21,13 @@ from quant_core.errors import QuantCoreError
 from quant_core.primitives import encode_scale_int64
 from quant_core.quant_types import FLOAT
 from quant_core.quantize.calibrate import CalibrationConfig, FloatModel, RangeObserver, check_seen, input_hooks
+from quant_core.quantize.flatquant import (
+    FLATQUANT_SCHEMES,
+    FlatQuantConfig,
+    FlatQuantResult,
+    calibrate_flatquant,
+    quantize_linear,
+)
 from quant_core.quantize.gptq import GPTQ_SCHEMES, HessianAccumulator, checkpoint_tensors, gptq_quantize, grid_for
 from quant_core.quantize.kvcache import C8, KVCacheObserver, attention_prefixes
 from quant_core.quantize.plan import STATIC_SCHEMES, LinearLayer, QuantPlan, build_plan, parse_rules
@@ -85,6 +93,7 @@ class Calibrated:
     smoothing: Smoothing | None = None
     hessians: dict[str, HessianAccumulator] = field(default_factory=dict)  # GPTQ layer -> its inputs' XᵀX
     kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # C8 tensors by name
+    flatquant: FlatQuantResult | None = None  # learned transforms of the FlatQuant layers
     notes: list[str] = field(default_factory=list)
 
 
@@ -106,6 +115,7 @@ def quantize_model(
     smooth: float | None = None,
     gptq: bool = False,
     kv_cache: str | None = None,
+    flatquant_epochs: int | None = None,
     overwrite: bool = False,
 ) -> QuantizeSummary:
     """Quantize the float checkpoint in ``model_dir`` into ``out_dir`` (msModelSlim v1 layout).
@@ -117,8 +127,10 @@ def quantize_model(
     0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
     (:mod:`~quant_core.quantize.smooth`); ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with
     GPTQ instead of round-to-nearest (:mod:`~quant_core.quantize.gptq`); ``kv_cache="C8"`` writes int8 KV-cache
-    scales (:mod:`~quant_core.quantize.kvcache`). ``out_dir`` must not exist unless ``overwrite``; it is replaced
-    atomically.
+    scales (:mod:`~quant_core.quantize.kvcache`). ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on
+    ``calib`` (``calib_samples`` windows of ``calib_seq_len`` tokens, ``flatquant_epochs`` passes; without ``calib``
+    they get identity transforms, i.e. plain round-to-nearest; :mod:`~quant_core.quantize.flatquant`).
+    ``out_dir`` must not exist unless ``overwrite``; it is replaced atomically.
     """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -131,6 +143,7 @@ def quantize_model(
     source = SourceCheckpoint(model_dir)
     plan = build_plan(source, scheme, rules=parse_rules(skip, layer_schemes), group_size=group_size)
     gptq_layers = _gptq_layers(plan) if gptq else []
+    flatquant = _flatquant_config(plan, calib, flatquant_epochs, alpha)
 
     static = plan.static_layers
     needs = []
@@ -138,6 +151,7 @@ def quantize_model(
         names = ", ".join(sorted({layer.quant_type for layer in static}))
         needs.append(f"{len(static)} layers use static activation quantization ({names}, e.g. {static[0].prefix})")
     needs += ["--smooth"] * (alpha is not None) + ["--gptq"] * bool(gptq) + [f"--kv-cache {kv_cache}"] * bool(kv_cache)
+    needs += ["FlatQuant"] * (flatquant is not None)
     calibrated = Calibrated()
     if needs and calib is None:
         raise QuantCoreError(
@@ -147,7 +161,7 @@ def quantize_model(
         )
     if needs:
         config = CalibrationConfig(Path(calib), calib_samples, calib_seq_len, percentile)
-        calibrated = run_calibration(source, plan, config, alpha, gptq_layers, kv_cache, progress=progress)
+        calibrated = run_calibration(source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress)
     elif calib is not None or percentile is not None:
         warnings.warn(
             f"calibration ignored: no layer uses a static scheme ({', '.join(sorted(STATIC_SCHEMES))}), and neither "
@@ -189,6 +203,33 @@ def _check_kv_cache(kv_cache: str | None) -> str | None:
     return C8
 
 
+def _flatquant_config(
+    plan: QuantPlan, calib: str | Path | None, epochs: int | None, alpha: float | None
+) -> FlatQuantConfig | None:
+    """The FlatQuant training options when FlatQuant layers are calibrated, else None (identity transforms)."""
+    layers = [layer for layer in plan.quantized if layer.quant_type in FLATQUANT_SCHEMES]
+    if not layers:
+        if epochs is not None:
+            raise QuantCoreError(
+                f"--flatquant-epochs applies to {', '.join(sorted(FLATQUANT_SCHEMES))} layers, and no layer uses "
+                "those schemes. Drop it, or pick one of them with --scheme / --layer-scheme."
+            )
+        return None
+    if calib is None:
+        warnings.warn(
+            f"{len(layers)} FlatQuant layers (e.g. {layers[0].prefix}) get identity transforms, i.e. plain "
+            "round-to-nearest: pass --calib FILE to learn them.",
+            stacklevel=3,
+        )
+        return None
+    if alpha is not None:
+        raise QuantCoreError(
+            "--smooth and FlatQuant layers: FlatQuant learns its own per-channel scales (folded into the same norms). "
+            "Drop --smooth."
+        )
+    return FlatQuantConfig() if epochs is None else FlatQuantConfig(epochs=epochs)
+
+
 def _gptq_layers(plan: QuantPlan) -> list[LinearLayer]:
     layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and not layer.expert_block]
     if not layers:
@@ -207,10 +248,12 @@ def run_calibration(
     alpha: float | None,
     gptq_layers: list[LinearLayer],
     kv_cache: str | None,
+    flatquant: FlatQuantConfig | None = None,
     *,
     progress: bool = True,
 ) -> Calibrated:
-    """Load the float model once; smooth it (its own pass), then one pass for ranges, Hessians and the KV cache."""
+    """Load the float model once; smooth it (its own pass), fit the FlatQuant transforms (layer by layer, leaving
+    the model unchanged), then one pass for ranges, Hessians and the KV cache."""
     session = FloatModel(source.model_dir, config, progress=progress)
     result = Calibrated()
     try:
@@ -224,6 +267,9 @@ def run_calibration(
             if not groups:
                 result.notes.append("no norm could be smoothed")
 
+        if flatquant is not None:
+            result.flatquant = calibrate_flatquant(session, source, plan, flatquant, progress=progress)
+            result.notes.append(result.flatquant.note(flatquant))
         observers = {layer.prefix: RangeObserver(config.percentile) for layer in plan.static_layers}
         callbacks = {name: obs.update for name, obs in observers.items()}
         owner = _hessian_owners(plan, gptq_layers)
@@ -288,8 +334,8 @@ def write_tensors(
 
     if not isinstance(calibrated, Calibrated):
         calibrated = Calibrated(ranges=calibrated)
-    smoothing = calibrated.smoothing
-    norms = smoothing.norms if smoothing else {}
+    smoothing, flat = calibrated.smoothing, calibrated.flatquant
+    norms = {**(smoothing.norms if smoothing else {}), **(flat.norms if flat else {})}
     kv_by_layer: dict[str, list[str]] = {}
     for name in calibrated.kv_tensors:
         kv_by_layer.setdefault(name.rpartition(".")[0], []).append(name)
@@ -313,7 +359,10 @@ def write_tensors(
                 if smoothing is not None:
                     weight = smoothing.weight(layer.prefix, weight)
                 hessian = calibrated.hessians.get(layer.prefix)
-                tensors = quantize_layer(schemes[key], layer, weight, bias, calibrated.ranges, hessian)
+                if flat is not None and layer.prefix in flat.linears:
+                    tensors, bias = quantize_linear(plan, layer, flat.linears[layer.prefix], weight, bias)
+                else:
+                    tensors = quantize_layer(schemes[key], layer, weight, bias, calibrated.ranges, hessian)
                 for suffix, tensor in tensors.items():
                     writer.add(f"{layer.prefix}.{suffix}", tensor, layer.quant_type)
                 if bias is not None:
