@@ -32,7 +32,7 @@ register()  # in-process engines do not load entry points before the first LLM()
 
 PROMPT = "The quantized model answers: "
 CALIB = "\n".join(f"Calibration sample {i}: a short sentence about numbers and words." for i in range(8))
-STATIC = ("W8A8", "W8A8_MIX")
+STATIC = ("W8A8", "W8A8_MIX", "W8A8S")
 SHARD = "quant_model_weights-00001-of-00001.safetensors"
 INDEX = "quant_model_weights.safetensors.index.json"
 DESCRIPTION = "quant_model_description.json"

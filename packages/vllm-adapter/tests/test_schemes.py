@@ -16,6 +16,10 @@ CASES = [
     ("qwen3", "W4A4_FLATQUANT_DYNAMIC", {}),  # random orthogonal transforms; o_proj: left_trans [heads, heads] only
     ("qwen3", "W8A8_FLATQUANT_DYNAMIC", {}),
     ("qwen3", "W4A8_FLATQUANT_DYNAMIC", {}),
+    ("qwen3", "W8A8_MXFP8", {}),  # microscaling: E8M0 block scales, FP8 / FP4 codes
+    ("qwen3", "W4A4_MXFP4", {}),
+    ("qwen3", "WFP8AFP8_DYNAMIC", {}),
+    ("qwen3", "W8A8S", {}),  # 310P sparse layout, static W8A8 arithmetic
     ("qwen2", "W8A8", {}),  # q/k/v biases folded into quant_bias
     ("llama", "W8A8_DYNAMIC", {}),
     ("qwen3_moe", "W8A8_DYNAMIC", {}),
