@@ -151,7 +151,8 @@ def render(f: dict, q: dict, meta: dict[str, Any]) -> str:
         f"# Demo: {meta['model']} float vs {scheme} in vLLM",
         "",
         f"device `{meta['device']}` (quant-core kernel backend for it, passed to the vLLM adapter as "
-        f"`MODELSLIM_BACKEND`: `{meta['backend']}`; kernels chosen: see below), dtype `{f['dtype']}`, {f['threads']} torch thread(s), "
+        f"`MODELSLIM_BACKEND`: `{meta['backend']}`; kernels chosen: see below), dtype `{f['dtype']}`, "
+        f"{f['threads']} torch thread(s), "
         f"{f['vllm_distribution']}, quantize options `{json.dumps(meta['quantize'])}`",
         "",
         f"| | float | {scheme} | ratio |",

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="model")
     parser.add_argument("--quantization", default=None, help="e.g. ascend; omitted for the float model")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto", help="quant-core kernel backend for the adapter (MODELSLIM_BACKEND): auto, reference, cpu, npu")
+    parser.add_argument("--backend", default="auto", help="adapter kernels (MODELSLIM_BACKEND)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--ppl-docs", type=int, default=8)

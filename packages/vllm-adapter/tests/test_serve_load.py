@@ -5,7 +5,8 @@ the same request sent alone (greedy; the int8 kernels accumulate exactly in int3
 token's result does not depend on its batch neighbours); the server's resident memory (API server + engine-core
 process) does not grow across the burst, measured after a warm-up burst of the same shape so that allocator pools,
 the KV cache and compiled kernels already exist. The numbers are written to `build/reliability/serve_load.json`
-(and printed) for docs/reliability.md.
+(and printed); copy it to docs/reliability-serve-load.json and regenerate docs/reliability.md
+(`python harness/reliability_table.py`) to publish the numbers.
 """
 
 import json

@@ -16,6 +16,7 @@ from quant_core.description import (
     layer_id,
 )
 from quant_core.errors import (
+    CheckpointFileError,
     CheckpointTensorError,
     DescriptionError,
     DescriptionNotFoundError,
@@ -23,6 +24,7 @@ from quant_core.errors import (
     MixedShardsError,
     QuantCoreError,
     SchemeRegistrationError,
+    UnsafePathError,
     UnsupportedSchemeError,
 )
 from quant_core.lookup import quant_type_for
@@ -47,6 +49,7 @@ __all__ = [
     "LAYER_KINDS",
     "MODELSLIM_QUANT_TYPES",
     "AttentionScheme",
+    "CheckpointFileError",
     "CheckpointTensorError",
     "DescriptionError",
     "DescriptionNotFoundError",
@@ -61,6 +64,7 @@ __all__ = [
     "SchemeRegistry",
     "Sharding",
     "TensorSpec",
+    "UnsafePathError",
     "UnsupportedSchemeError",
     "check_tensors",
     "find_description",

@@ -5,6 +5,10 @@ checkpoint tensor, ``"<tensor name>": "<QUANT TYPE>"``, and a handful of global 
 ``group_size``, ``kv_cache_type``, ...). Global keys we know are typed; global keys we do not know are kept
 in :attr:`QuantDescription.extra`, never rejected. When the checkpoint's tensor names are known (from the
 safetensors index) they decide which keys are per-tensor; otherwise a dotted key with a string value is.
+
+The file is untrusted input: its size is capped (:data:`MAX_DESCRIPTION_BYTES`), nesting and number literals that
+would exhaust the parser are refused, and file names it carries (:attr:`QuantDescription.files`) resolve only inside
+the checkpoint directory (:meth:`QuantDescription.file_path`).
 """
 
 import json
@@ -16,14 +20,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from quant_core.checkpoint import weight_map
-from quant_core.errors import DescriptionError, DescriptionNotFoundError
+from quant_core.checkpoint import INCOMPLETE_MARKER, checkpoint_path, weight_map
+from quant_core.errors import CheckpointFileError, DescriptionError, DescriptionNotFoundError
 from quant_core.quant_types import FLOAT, LayerKind
 
 DESCRIPTION_FILE = "quant_model_description.json"
 # A DeepSeek-V3 description (every tensor of 61 layers × 256 experts) is ~25 MB; anything far beyond that is
-# not a description, and reading it would only exhaust memory.
-MAX_DESCRIPTION_BYTES = 256 * 1024 * 1024
+# not a description. Parsed JSON costs ~10x its size in Python objects, so 64 MB bounds the parse at well under 1 GB.
+MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
+# Global keys whose value is a file of the checkpoint, by relative path (modelslim-format.md §2.2: QuaRot's rotation
+# matrix, an extra safetensors file msModelSlim puts under ``optional/``). Both spellings seen in the wild.
+FILE_KEYS = ("optional.quarot.global_rotation", "optional.quarot.rotation_map.global_rotation")
 
 _LAYER_ID = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -109,6 +116,7 @@ class QuantDescription:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     optional: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)  # FILE_KEYS present -> relative path (unchecked)
     source: str = "<dict>"
 
     # --- construction -------------------------------------------------------------------------------
@@ -152,7 +160,9 @@ class QuantDescription:
                 entries[key] = value  # listed but not in the safetensors, or a per-layer override key
             else:
                 extra[key] = value
-        return cls(entries=_with_aliases(entries, typed.get("hc_head_fn", False)), extra=extra, source=source, **typed)
+        files = _file_references(typed, source)
+        entries = _with_aliases(entries, typed.get("hc_head_fn", False))
+        return cls(entries=entries, extra=extra, files=files, source=source, **typed)
 
     @classmethod
     def from_json(cls, path: str | Path, *, tensor_names: Collection[str] | None = None) -> "QuantDescription":
@@ -171,8 +181,10 @@ class QuantDescription:
             data = json.loads(path.read_bytes(), object_pairs_hook=_reject_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DescriptionError(
-                f"{path}: not valid JSON ({e}). The file is truncated or hand-edited; regenerate it."
+                f"{path}: not valid JSON. The file is truncated or hand-edited; regenerate it. ({e})"
             ) from None
+        except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+            raise DescriptionError(f"{path}: a value cannot be parsed; the file is corrupted. ({e})") from None
         except RecursionError:
             raise DescriptionError(f"{path}: JSON nested too deeply to be a description.") from None
         except _DuplicateKey as e:
@@ -183,6 +195,11 @@ class QuantDescription:
     def from_checkpoint(cls, model_dir: str | Path) -> "QuantDescription":
         """Read ``<model_dir>/quant_model_description.json``, classifying keys by the checkpoint's tensors."""
         path = find_description(model_dir)
+        if (Path(model_dir) / INCOMPLETE_MARKER).exists():
+            raise CheckpointFileError(
+                f"{model_dir}: an unfinished quant-core output (it holds {INCOMPLETE_MARKER}: the quantizer was "
+                "interrupted while writing it). Delete this directory and run the quantizer again."
+            )
         names = weight_map(model_dir)
         return cls.from_json(path, tensor_names=names or None)
 
@@ -202,6 +219,38 @@ class QuantDescription:
             if new is not None:
                 renamed[new] = value
         return replace(self, entries=renamed)
+
+    def file_path(self, key: str, model_dir: str | Path) -> Path:
+        """Where the file named by global key ``key`` (one of :attr:`files`) lives in checkpoint ``model_dir``.
+
+        The name is relative to the checkpoint; a bare name not found there is looked up under ``optional/``, where
+        msModelSlim writes such files. Absolute names, ``..`` and symlinks leaving the checkpoint raise
+        :class:`~quant_core.errors.UnsafePathError`. The file need not exist (see :meth:`read_file`).
+        """
+        if key not in self.files:
+            raise DescriptionError(f"{self.source}: names no file under {key!r} (it names: {', '.join(self.files)}).")
+        what = f"file named by {key!r} in {Path(self.source).name}"
+        path = checkpoint_path(model_dir, self.files[key], what=what)
+        if not path.exists() and len(Path(self.files[key]).parts) == 1:
+            fallback = checkpoint_path(model_dir, f"optional/{self.files[key]}", what=what)
+            path = fallback if fallback.exists() else path
+        return path
+
+    def read_file(self, key: str, model_dir: str | Path) -> dict:
+        """The tensors of the safetensors file named by ``key`` (e.g. QuaRot's global rotation). Never pickle."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.file_path(key, model_dir)
+        if not path.is_file():
+            raise CheckpointFileError(
+                f"{path}: {self.source} names this file under {key!r}, but it does not exist. Copy it into the "
+                "checkpoint, or drop the key if the model does not need it."
+            )
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointFileError(f"{path} (named by {key!r}): not a readable safetensors file ({e}).") from None
 
     # --- lookups --------------------------------------------------------------------------------------
     def quant_type_for(
@@ -297,6 +346,24 @@ def is_modelslim_checkpoint(path: str | Path) -> bool:
     except DescriptionNotFoundError:
         return False
     return True
+
+
+def _file_references(typed: Mapping[str, Any], source: str) -> dict[str, str]:
+    """The :data:`FILE_KEYS` present, as ``{dotted key: relative path}``; a non-string value is an error."""
+    files = {}
+    for key in FILE_KEYS:
+        node: Any = typed
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        if not isinstance(node, str) or not node:
+            raise DescriptionError(
+                f"{source}: {key!r} must be the relative path of a file in the checkpoint, got {node!r}. Fix that "
+                "value in the description."
+            )
+        files[key] = node
+    return files
 
 
 class _DuplicateKey(Exception):

@@ -36,3 +36,11 @@ class SchemeRegistrationError(QuantCoreError, ValueError):
 
 class CheckpointTensorError(QuantCoreError, ValueError):
     """A checkpoint tensor is missing or has the wrong shape, dtype or values."""
+
+
+class CheckpointFileError(QuantCoreError, ValueError):
+    """A file the checkpoint needs (``config.json``, a shard, a file the description names) is missing or unusable."""
+
+
+class UnsafePathError(CheckpointFileError):
+    """A file name inside the checkpoint (index, description) points outside the checkpoint directory."""

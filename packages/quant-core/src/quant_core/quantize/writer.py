@@ -6,19 +6,24 @@ global keys, ``config.json`` without ``quantization_config``, and the source's o
 config, tokenizer files, ...) copied.
 
 Everything is written to a temporary directory next to ``out_dir`` and renamed into place at the end, so a failed
-or interrupted run leaves ``out_dir`` as it was (or absent).
+or interrupted run (even SIGKILL) leaves ``out_dir`` as it was (or absent); an existing ``out_dir`` is swapped with
+the new one in a single atomic step on Linux (see :func:`atomic_output_dir`).
 """
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from quant_core.checkpoint import INCOMPLETE_MARKER
 from quant_core.description import DESCRIPTION_FILE
 from quant_core.errors import QuantCoreError
 from quant_core.quant_types import FLOAT
@@ -162,13 +167,40 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``, glibc ≥ 2.28).
+
+    Returns False, having changed nothing, where that is unavailable (other OS, old libc, a filesystem without
+    support); raises ``OSError`` for any other failure.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a new temporary directory next to ``out_dir``; on success it replaces ``out_dir``, on error it is deleted.
 
-    With ``overwrite``, an existing ``out_dir`` is renamed aside, the new one renamed in, then the old one deleted:
-    only a crash between those two renames (microseconds) leaves ``out_dir`` missing, with the old content still in
-    ``.<name>.old-*`` next to it.
+    With ``overwrite``, an existing ``out_dir`` and the new directory are swapped in one atomic ``renameat2`` call,
+    then the old content (now in the temporary directory) is deleted: a kill at any point leaves ``out_dir`` either
+    entirely old or entirely new (plus, at worst, a stale ``.<name>.tmp-*`` directory next to it). Where that call is
+    unavailable, ``out_dir`` is renamed aside, the new one renamed in, and the old one deleted: only a crash between
+    those two renames (microseconds) leaves ``out_dir`` missing, with the old content in ``.<name>.old-*/content``.
+    Until it is complete, the temporary directory holds :data:`~quant_core.checkpoint.INCOMPLETE_MARKER`, so a
+    directory a killed run left behind is never taken for a checkpoint.
     """
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not overwrite:
@@ -178,9 +210,13 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        (tmp / INCOMPLETE_MARKER).touch()
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
-        if out_dir.exists():
+        (tmp / INCOMPLETE_MARKER).unlink()
+        if out_dir.exists() and exchange_paths(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old content
+        elif out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "content")
             try:

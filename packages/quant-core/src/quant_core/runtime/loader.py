@@ -6,6 +6,8 @@
    becomes a :class:`QuantExperts` (or gets its float per-expert tensors stacked in). The quant type is looked up as
    vLLM does, ``desc.quant_type_for(prefix, kind)``: Hugging Face checkpoints keep q/k/v and gate/up separate, so
    no packed-module table is needed.
+   Fused groups vLLM runs as one matmul (q/k/v, gate/up, the experts of one MoE layer) must share one quant type,
+   so a checkpoint this runtime accepts is one vLLM accepts too.
 3. Every other checkpoint tensor loads into its parameter. Tensors the float architecture lacks that msModelSlim's
    anti-outlier pass adds (``modelslim-tool.md`` §4.10) are applied: a ``.bias`` on a linear becomes its bias, a
    ``.bias`` on a norm is added to the norm's output. Any other leftover tensor is an error naming it, except
@@ -13,6 +15,7 @@
 """
 
 import contextlib
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant_core.checkpoint import weight_map
+from quant_core.checkpoint import checkpoint_path, weight_map
 from quant_core.description import QuantDescription
-from quant_core.errors import CheckpointTensorError, DescriptionError
+from quant_core.errors import (
+    CheckpointFileError,
+    CheckpointTensorError,
+    DescriptionError,
+    LayerLookupError,
+    MixedShardsError,
+    UnsupportedSchemeError,
+)
 from quant_core.quant_types import FLOAT
 from quant_core.registry import get_scheme
 from quant_core.runtime.linear import QuantLinear
@@ -42,6 +52,8 @@ from quant_core.runtime.moe import (
 IGNORED_SUFFIXES = (".kv_cache_scale", ".kv_cache_offset", ".rotary_emb.inv_freq")
 
 W8A8_MIX_MODES = ("dynamic", "static")
+# What vLLM's Llama / Qwen model classes fuse (their packed_modules_mapping); Hugging Face keeps the shards apart.
+FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def load_quantized(
@@ -58,6 +70,11 @@ def load_quantized(
     ``dtype`` is the dtype of float weights and activations (default: config.json's ``torch_dtype``).
     ``w8a8_mix_mode``: ``W8A8_MIX`` layers run ``"dynamic"`` (per-token activations, as vLLM serves them on
     prefill or colocated instances, the default) or ``"static"`` (decode instances of a disaggregated deployment).
+    ``trust_remote_code`` stays off unless asked for: a checkpoint's own Python code is never run by default.
+
+    Bad input raises a :class:`~quant_core.errors.QuantCoreError` naming the tensor, layer or file, before any
+    forward pass; only safetensors files are read (never pickle), and every file name the checkpoint supplies must
+    stay inside ``model_dir``.
     """
     import transformers
     from transformers.initialization import no_init_weights
@@ -66,7 +83,9 @@ def load_quantized(
         raise ValueError(f"w8a8_mix_mode must be one of {', '.join(W8A8_MIX_MODES)}, got {w8a8_mix_mode!r}")
     model_dir = Path(model_dir)
     desc = QuantDescription.from_checkpoint(model_dir)
-    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    for key in desc.files:  # not used by this runtime, but a name escaping the checkpoint is refused all the same
+        desc.file_path(key, model_dir)
+    config = _read_config(model_dir, trust_remote_code)
     dtype = dtype or _config_dtype(config)
     reader = _CheckpointReader(model_dir)
     with _parameters_on_meta(), no_init_weights():
@@ -76,8 +95,32 @@ def load_quantized(
     loader.check_description_layers()
     loader.load_remaining()
     loader.check_complete()
+    loader.check_fused_shards()  # last: a layer-level error above names the tensor more precisely
     model.eval().requires_grad_(False)
     return model
+
+
+def _read_config(model_dir: Path, trust_remote_code: bool):
+    import transformers
+
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointFileError(
+            f"{model_dir}: no config.json. msModelSlim and quant-core copy the float model's config.json into the "
+            "checkpoint; copy it from the original model."
+        )
+    try:
+        json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFileError(
+            f"{model_dir / 'config.json'}: not valid JSON; the file is truncated or corrupted. Copy it again from the "
+            f"original model. ({e})"
+        ) from None
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointFileError(
+            f"{model_dir / 'config.json'}: transformers cannot build a config from it: {e}"
+        ) from e
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -117,18 +160,25 @@ class _CheckpointReader:
         return list(self.shard_of)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         shard = self.shard_of[name]
-        if shard not in self._open:
-            path = self.model_dir / shard
-            if not path.is_file():
-                raise CheckpointTensorError(
-                    f"{path}: shard named by the safetensors index (for {name!r}) does not exist; the checkpoint "
-                    "is incomplete. Copy the missing shard."
-                )
-            self._open[shard] = safe_open(path, framework="pt", device="cpu")
-        return self._open[shard].get_tensor(name)
+        path = self.model_dir / shard
+        try:
+            if shard not in self._open:
+                path = checkpoint_path(self.model_dir, shard, what="shard")  # weight_map checked it; cheap to repeat
+                if not path.is_file():
+                    raise CheckpointTensorError(
+                        f"{path}: shard named by the safetensors index (for {name!r}) does not exist; the checkpoint "
+                        "is incomplete. Copy the missing shard."
+                    )
+                self._open[shard] = safe_open(path, framework="pt", device="cpu")
+            return self._open[shard].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointTensorError(
+                f"tensor {name!r}: cannot be read from {path}. The shard is truncated or corrupted, or the index names "
+                f"the wrong shard for it; re-copy the checkpoint. (safetensors: {e})"
+            ) from None
 
 
 class _Loader:
@@ -149,11 +199,24 @@ class _Loader:
             elif is_fused_experts(module):
                 self._experts(prefix, module)
 
-    def _scheme(self, quant_type: str, kind: str):
+    def _scheme(self, quant_type: str, kind: str, prefix: str):
         options = {"backend": self.backend, "version": self.desc.version, "group_size": self.desc.group_size}
         if (quant_type, kind) == ("W8A8_MIX", "linear"):
             options["mode"] = self.w8a8_mix_mode
-        return get_scheme(quant_type, kind, **options)
+        try:
+            return get_scheme(quant_type, kind, **options)
+        except UnsupportedSchemeError as e:
+            raise UnsupportedSchemeError(f"layer {prefix!r} ({self.desc.source}): {e}") from None
+
+    def check_fused_shards(self) -> None:
+        """Shards vLLM fuses (:data:`FUSED_SHARDS`) must share one quant type: :class:`MixedShardsError` otherwise."""
+        modules = dict(self.model.named_modules())
+        for fused, shards in FUSED_SHARDS.items():
+            parents = sorted({n.rpartition(".")[0] for n in modules if n.rpartition(".")[2] == shards[0]})
+            for parent in parents:
+                keys = [f"{parent}.{s}.weight" for s in shards]
+                if all(f"{parent}.{s}" in modules for s in shards) and all(k in self.desc.entries for k in keys):
+                    self.desc.quant_type_for(f"{parent}.{fused}", "linear", FUSED_SHARDS)
 
     def _linear(self, prefix: str, module: nn.Linear) -> None:
         if f"{prefix}.weight" not in self.desc.entries and f"{prefix}.weight" not in self.pending:
@@ -161,7 +224,7 @@ class _Loader:
         quant_type = self.desc.quant_type_for(prefix, "linear")
         if quant_type is None:
             return
-        scheme = self._scheme(quant_type, "linear")
+        scheme = self._scheme(quant_type, "linear", prefix)
         names = [n for n in self.by_owner.get(prefix, []) if not n.endswith(IGNORED_SUFFIXES)]
         tensors = {n[len(prefix) + 1 :]: self.reader.get(n) for n in names}
         bias = tensors.pop("bias", None)
@@ -187,16 +250,36 @@ class _Loader:
             return  # stored fused (or absent): loaded like any parameter
         check_servable(module, prefix)
         quant_type = self.desc.quant_type_for(prefix, "moe")
+        self._check_experts_agree(prefix, names, quant_type)
         num_experts = next(p for p in module.parameters(recurse=False)).shape[0]
         stacked = stacked_experts({n: self.reader.get(n) for n in names}, projections, prefix, num_experts)
         if quant_type is None:
             load_float_experts(module, stacked, prefix, self.dtype)
         else:
-            scheme = self._scheme(quant_type, "moe")
+            scheme = self._scheme(quant_type, "moe", prefix)
             runtime = scheme.process_weights(stacked, layer=prefix.removesuffix(".experts"))
             self.model.set_submodule(prefix, QuantExperts(scheme, runtime, num_experts))
             self.quantized.add(prefix)
         self.pending -= set(names)
+
+    def _check_experts_agree(self, prefix: str, names: list[str], quant_type: str | None) -> None:
+        """Every expert's weights carry expert 0's type (the lookup reads expert 0 only, as vLLM does)."""
+        expected = quant_type or FLOAT
+        weights = sorted(n for n in names if n.endswith(".weight"))
+        unlisted = [n for n in weights if n not in self.desc.entries]
+        if unlisted:
+            raise LayerLookupError(
+                f"MoE layer {prefix!r}: the checkpoint holds {unlisted[0]} but {self.desc.source} has no entry for it"
+                f"{f' (nor for {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}. The description belongs to "
+                "another checkpoint, or lost entries; regenerate it."
+            )
+        odd = [n for n in weights if self.desc.entries[n] != expected]
+        if odd:
+            raise MixedShardsError(
+                f"MoE layer {prefix!r}: expert 0 is {expected} but {odd[0]} is {self.desc.entries[odd[0]]}"
+                f"{f' ({len(odd)} expert weights differ)' if len(odd) > 1 else ''}. vLLM runs all experts of a layer "
+                "with one scheme (chosen from expert 0); re-quantize the layer with one scheme."
+            )
 
     def check_description_layers(self) -> None:
         """Every quantized ``.weight`` entry must belong to a layer that now runs a scheme."""
