@@ -16,6 +16,7 @@ def pytest_addoption(parser):
         default=str(ROOT / "build" / "compat" / "report.md"),
         help="write the scheme × producer table (markdown) here",
     )
+    parser.addoption("--no-engine", action="store_true", help="leave out the vLLM engine check (no vLLM installed)")
 
 
 def pytest_configure(config):

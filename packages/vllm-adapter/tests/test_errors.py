@@ -108,6 +108,18 @@ def test_fused_shards_with_different_flatquant_transforms(checkpoints):
         start_engine(model_dir)
 
 
+def test_w4a4_flatquant_fused_shards_with_different_clip_ratios(checkpoints):
+    # int4 activations scale their range by clip_ratio: q/k/v with different ratios cannot share one quantized input
+    base = checkpoints.quantized("qwen3", "W4A4_FLATQUANT_DYNAMIC")
+
+    def other_clip(tensors: dict, desc: dict) -> None:
+        tensors["model.layers.0.self_attn.k_proj.clip_ratio"] = torch.tensor([0.5])
+
+    model_dir = checkpoints.edited(base, "qwen3-fq4-k-clip", other_clip)
+    with pytest.raises(CheckpointTensorError, match=r"(?s)layers\.0\.self_attn\.qkv_proj\.clip_ratio.*fused shards"):
+        start_engine(model_dir)
+
+
 def _left_trans(model_dir):
     from safetensors.torch import load_file
 

@@ -34,7 +34,8 @@ class TensorSpec:
     the output dim), so the logical size there is ``shape[packed_dim] * packed_factor``.
     ``accepted_dtypes`` lists further dtypes real producers write for it (msModelSlim v0 stores scales in the
     model dtype, v1 in float32; ``deq_scale`` may be int64-encoded float32). ``optional`` tensors may be
-    absent (v1 static W8A8 has no ``weight_scale``).
+    absent (v1 static W8A8 has no ``weight_scale``). ``validated_only`` tensors are checked but take no part in the
+    math (the int8 FlatQuant schemes' ``clip_ratio``), so the shards of a fused layer may carry different values.
     """
 
     name: str
@@ -47,6 +48,7 @@ class TensorSpec:
     packed_factor: int = 1
     accepted_dtypes: tuple[torch.dtype, ...] = ()
     optional: bool = False
+    validated_only: bool = False
 
     def __post_init__(self) -> None:
         ndim = len(self.shape)

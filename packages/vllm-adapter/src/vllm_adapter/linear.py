@@ -68,6 +68,7 @@ class ModelSlimLinearMethod(LinearMethodBase):
             names.append(name)
         layer.modelslim_scheme = scheme
         layer.modelslim_params = names
+        layer.modelslim_specs = specs
         num_shards = len(output_partition_sizes)
         layer.modelslim_per_shard = [
             n for n in names if specs[n].per_shard_scalar or is_whole_per_shard(specs[n], num_shards)
@@ -114,9 +115,10 @@ class ModelSlimLinearMethod(LinearMethodBase):
     def checkpoint_tensors(self, layer) -> dict[str, torch.Tensor]:
         """The loaded tensors, handed over to the scheme (vLLM's parameters are dropped from the layer)."""
         tensors = {name: layer._parameters.pop(name).data for name in layer.modelslim_params}
+        specs = layer.modelslim_specs
         for name in layer.modelslim_per_shard:  # one activation quantizer / transform for the fused matmul
             slots = tensors[name]
-            if not torch.equal(slots, slots[:1].expand_as(slots)):
+            if not specs[name].validated_only and not torch.equal(slots, slots[:1].expand_as(slots)):
                 shown = f" {slots.flatten().tolist()}" if slots.numel() <= 8 else ""
                 raise CheckpointTensorError(
                     f"{self.prefix}.{name}: the fused shards {', '.join(self.shard_prefixes)} carry different "

@@ -13,6 +13,7 @@ Options: ``weight_specs`` cannot know ``num_heads``, so ``left_dim`` (default ``
 """
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -56,6 +57,7 @@ class FlatQuantLinear(KernelLinearScheme):
     ``inner_specs`` / ``quantize_inner`` / ``canonicalize_inner`` and the ``KERNELS``."""
 
     right_trans_optional: ClassVar[bool] = True
+    uses_clip_ratio: ClassVar[bool] = False  # only int4 activations scale their range by it
 
     def __init__(self, *, left_dim: int | None = None, has_right_trans: bool = True, **options: Any) -> None:
         super().__init__(**options)
@@ -108,7 +110,7 @@ class FlatQuantLinear(KernelLinearScheme):
         specs = {
             **self.inner_specs(in_features, out_features),
             "left_trans": scale_spec("left_trans", (a, a)),
-            "clip_ratio": scale_spec("clip_ratio", (1,)),
+            "clip_ratio": dataclasses.replace(scale_spec("clip_ratio", (1,)), validated_only=not self.uses_clip_ratio),
         }
         if self.has_right_trans:
             specs["right_trans"] = scale_spec("right_trans", (b, b))

@@ -40,6 +40,7 @@ class W4A4FlatQuantDynamicLinear(FlatQuantLinear):
     quant_type = "W4A4_FLATQUANT_DYNAMIC"
     KERNELS = FLATQUANT_INT4_KERNELS
     right_trans_optional = False
+    uses_clip_ratio = True
 
     def inner_specs(self, in_features: int, out_features: int) -> dict[str, TensorSpec]:
         return int8_weight_specs(in_features, out_features)
