@@ -119,6 +119,13 @@ def markdown(args, runs: list[ModelRun], exact: dict[str, ExactResult], env: dic
         "count (the bound column shows that floor as a ratio to float).",
         "",
     ]
+    if args.smoke:
+        guarded = [r.config.scheme for r in runs[1:] if r.config.smoke_gates is not None]
+        lines += [
+            "Smoke run: the gates are each configuration's `smoke_gates` (CI's regression guard on these few items) "
+            f"where it has them ({', '.join(guarded) or 'none'}), else its full-run targets.",
+            "",
+        ]
     rows = []
     for run in runs[1:]:
         for task, items in run.samples.items():

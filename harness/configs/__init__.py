@@ -2,7 +2,9 @@
 
 Keys: `model` (a name `harness.prepare` knows), `scheme` (`FLOAT` for the baseline), `quantize` (keyword arguments of
 `quant_core.quantize.quantize_model`; paths relative to the repository root), and for the accuracy session
-`tasks`, `limits` and `gates`. The demo and the accuracy session read the same files, so both quantize alike.
+`tasks`, `limits`, `gates` (the targets, enforced by the full run) and `smoke_gates` (what CI's `--smoke` cut enforces
+on its few items: a regression guard, looser where the target is not met yet or the smoke sample is noisier; the
+gates apply when absent). The demo and the accuracy session read the same files, so both quantize alike.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ class RunConfig:
     tasks: tuple[str, ...] = ()
     limits: dict[str, int] = field(default_factory=dict)
     gates: dict[str, float] = field(default_factory=dict)
+    smoke_gates: dict[str, float] | None = None
     path: Path | None = None
+
+    def gates_for(self, smoke: bool) -> dict[str, float]:
+        return self.smoke_gates if smoke and self.smoke_gates is not None else self.gates
 
     def quantize_options(self) -> dict[str, Any]:
         """`quantize` with repository-relative paths made absolute."""
@@ -43,7 +49,7 @@ def load(model: str, scheme: str) -> RunConfig:
         known = ", ".join(sorted(p.stem.upper() for p in (CONFIGS / model).glob("*.yaml"))) or "none"
         raise SystemExit(f"no configuration {path} for {model} × {scheme}; configured schemes: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"model", "scheme", "quantize", "tasks", "limits", "gates"}
+    unknown = set(raw) - {"model", "scheme", "quantize", "tasks", "limits", "gates", "smoke_gates"}
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)}")
     return RunConfig(
@@ -53,6 +59,7 @@ def load(model: str, scheme: str) -> RunConfig:
         tasks=tuple(raw.get("tasks") or ()),
         limits=dict(raw.get("limits") or {}),
         gates=dict(raw.get("gates") or {}),
+        smoke_gates=None if raw.get("smoke_gates") is None else dict(raw["smoke_gates"]),
         path=path,
     )
 

@@ -49,3 +49,16 @@ def test_disagreeing_limits_are_refused():
 def test_limits_are_clipped_to_the_data():
     config = RunConfig(MODEL, "FLOAT", tasks=("owt_ppl_local",), limits={"owt_ppl_local": 10**6})
     assert task_limits([config], smoke=False) == {"owt_ppl_local": 20}  # harness/data/owt_ppl.jsonl has 20 docs
+
+
+def test_smoke_gates_apply_only_to_the_smoke_cut():
+    config = RunConfig(MODEL, "W8A8_DYNAMIC", gates={"ppl_ratio_max": 1.015}, smoke_gates={"ppl_ratio_max": 1.02})
+    assert config.gates_for(smoke=True) == {"ppl_ratio_max": 1.02}
+    assert config.gates_for(smoke=False) == {"ppl_ratio_max": 1.015}
+    assert RunConfig(MODEL, "W8A16", gates={"ppl_ratio_max": 1.005}).gates_for(smoke=True) == {"ppl_ratio_max": 1.005}
+
+
+def test_unknown_smoke_gates_are_refused():
+    config = RunConfig(MODEL, "W8A16", tasks=("wiki_ppl_local",), smoke_gates={"ppl_max": 1.01})
+    with pytest.raises(SystemExit, match="unknown gates"):
+        task_limits([config], smoke=True)

@@ -2,9 +2,10 @@
 
     quant-core quantize --model DIR --scheme W8A8_DYNAMIC --out DIR [--calib FILE] [--group-size N]
                         [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
-                        [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA] [--gptq]
-                        [--kv-cache C8] [--flatquant-epochs N] [--max-shard-size SIZE] [--overwrite]
-                        [--no-progress]
+                        [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA]
+                        [--smooth-down ALPHA] [--gptq [--gptq-clip R] [--gptq-act-order]]
+                        [--kv-cache C8] [--flatquant-epochs N]
+                        [--max-shard-size SIZE] [--overwrite] [--no-progress]
 
 ``--smooth ALPHA`` (0 < ALPHA < 1, e.g. 0.5) folds SmoothQuant smoothing into the RMSNorm and q/k/v, gate/up
 weights before quantizing; ``--gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead
@@ -75,10 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
         "input channel, folded into the norms and q/k/v, gate/up weights (dense MLPs; needs --calib)",
     )
     q.add_argument(
+        "--smooth-down",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="smoothing between each dense MLP's up_proj (rows / s) and down_proj (columns * s), strength in (0, 1), "
+        "e.g. 0.7; down_proj's input holds the largest outliers (needs --calib)",
+    )
+    q.add_argument(
         "--gptq",
         action="store_true",
         help="GPTQ instead of round-to-nearest for W8A16, W4A16, W4A8_DYNAMIC and W4A4_DYNAMIC layers "
         "(MoE experts stay RTN; needs --calib)",
+    )
+    q.add_argument(
+        "--gptq-clip",
+        type=float,
+        default=None,
+        metavar="R",
+        help="GPTQ: search each group's range shrink ratio in [R, 1], e.g. 0.7 (default: min/max)",
+    )
+    q.add_argument(
+        "--gptq-act-order",
+        action="store_true",
+        help="GPTQ: quantize columns by decreasing Hessian diagonal (static group parameters)",
     )
     q.add_argument("--kv-cache", choices=["C8"], type=str.upper, default=None,
                    help="write int8 per-channel KV-cache scales/offsets (C8) calibrated on --calib")  # fmt: skip
@@ -115,7 +136,10 @@ def quantize_command(args: argparse.Namespace) -> int:
             calib_seq_len=args.calib_seq_len,
             percentile=args.percentile,
             smooth=args.smooth,
+            smooth_down=args.smooth_down,
             gptq=args.gptq,
+            gptq_clip=args.gptq_clip,
+            gptq_act_order=args.gptq_act_order,
             kv_cache=args.kv_cache,
             flatquant_epochs=args.flatquant_epochs,
             overwrite=args.overwrite,

@@ -22,6 +22,14 @@ then assembled into the scheme's tensors directly (RTN on the dequantized result
 row whose largest code is below ``qmax`` would get a smaller scale). ``W4A8_DYNAMIC``'s ``scale_bias`` is
 ``8 · Σ`` of the dequantized weight per row (per 16 K-chunks for row-parallel layers), modelslim-tool.md §4.8.
 
+Options (``quantize_model(gptq_clip=..., gptq_act_order=...)``): ``clip`` searches, per row and group, the range
+shrink ratio ``r`` in ``[clip, 1]`` (``CLIP_STEPS`` candidates) minimising ``Σ |Q(w) - w|^2.4`` of the group's
+weights (the ``mse`` option of the GPTQ reference code; AWQ / OmniQuant learn the same clipping), so a single large
+weight no longer sets the step of its whole group. ``act_order`` quantizes columns by decreasing ``H_jj`` (the
+inputs with the most energy first, while the most columns are left to absorb their error); groups then use
+*static* parameters computed from the original weights before the loop (each group's columns are no longer
+contiguous in processing order), so the checkpoint layout is unchanged.
+
 Hessians come from one pass of the (smoothed, if ``--smooth``) float model, not layer by layer through the
 already quantized layers; routed MoE experts (3-D parameters in transformers, no per-expert inputs) stay RTN.
 All Hessians are held until their layer is written: K² float32 per distinct layer input (q/k/v share one, gate/up
@@ -39,6 +47,8 @@ from quant_core.primitives import int_range, pack_int4_rows
 GPTQ_SCHEMES = ("W8A16", "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC")
 BLOCK_SIZE = 128
 DAMPING = 0.01
+CLIP_STEPS = 20  # candidate shrink ratios from 1 down to Grid.clip
+CLIP_NORM = 2.4  # the GPTQ reference code's error norm for its range search
 ROW_PARALLEL_CHUNKS = 16
 
 
@@ -48,6 +58,7 @@ class Grid:
     group_size: int  # columns per group; == K for per-row parameters
     symmetric: bool
     two_step: bool = False  # W4A8_DYNAMIC per group: int8 row scale × integer group scale
+    clip: float = 1.0  # smallest range shrink ratio searched (1: no search, plain min/max)
 
 
 def grid_for(quant_type: str, scheme, in_features: int, out_features: int) -> Grid:
@@ -93,23 +104,43 @@ class GroupParams:
         self.scale = self.offset = self.second = None
 
     def find(self, w: torch.Tensor) -> None:
-        """Parameters for the group whose (running) weights are ``w [N, g]``; same formulas as the RTN schemes."""
+        """Parameters for the group whose (running) weights are ``w [N, g]``: the RTN schemes' formulas on the
+        range shrunk by ``r`` (``r = 1`` without clip search; else per row the ``r`` of least ``CLIP_NORM`` error)."""
+        self._set(w, 1.0)
+        if self.grid.clip >= 1:
+            return
+        best = self._error(w)
+        chosen = (self.scale.clone(), self.offset.clone(), None if self.second is None else self.second.clone())
+        for r in torch.linspace(1, self.grid.clip, CLIP_STEPS)[1:].tolist():
+            self._set(w, r)
+            err = self._error(w)
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen = tuple(None if c is None else torch.where(better, new, c)
+                           for c, new in zip(chosen, (self.scale, self.offset, self.second), strict=True))  # fmt: skip
+        self.scale, self.offset, self.second = chosen
+
+    def _error(self, w: torch.Tensor) -> torch.Tensor:
+        deq = self.dequantize(self.quantize(w.T)).T
+        return (deq - w).abs().pow(CLIP_NORM).sum(1)
+
+    def _set(self, w: torch.Tensor, r: float) -> None:
         tiny = torch.finfo(torch.float32).tiny
         if self.grid.two_step:
             w8 = torch.round(w / self.row_scale[:, None])
-            self.second = (w8.abs().amax(1) / 7.5).ceil().clamp_min(1)
+            self.second = (w8.abs().amax(1) * r / 7.5).ceil().clamp_min(1)
             self.scale, self.offset = self.row_scale * self.second, torch.zeros_like(self.second)
         elif self.grid.symmetric:
-            scale = w.abs().amax(1) / self.hi
+            scale = w.abs().amax(1) * r / self.hi
             self.scale, self.offset = torch.where(scale > 0, scale, tiny), torch.zeros_like(scale)
         else:
-            wmin, wmax = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+            wmin, wmax = w.amin(1).clamp(max=0) * r, w.amax(1).clamp(min=0) * r
             scale = (wmax - wmin) / (self.hi - self.lo)
             self.offset = torch.round(self.lo - wmin / torch.where(scale > 0, scale, torch.ones_like(scale)))
             self.scale = torch.where(scale > 0, scale, tiny)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer codes of column ``w [N]``."""
+        """Integer codes of column ``w [N]`` (or columns ``[..., N]``)."""
         return torch.clamp(torch.round(w / self.scale + self.offset), self.lo, self.hi)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
@@ -126,8 +157,11 @@ class GPTQResult:
     dequantized: torch.Tensor  # [N, K] float32
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, layer: str = "") -> GPTQResult:
-    """Quantize ``weight [N, K]`` with GPTQ given ``hessian [K, K]``; returns the codes and grid parameters."""
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, layer: str = "", act_order: bool = False
+) -> GPTQResult:
+    """Quantize ``weight [N, K]`` with GPTQ given ``hessian [K, K]``; returns the codes and grid parameters (in the
+    original column order, also with ``act_order``)."""
     w = weight.detach().float().clone()
     n, k = w.shape
     g = grid.group_size
@@ -135,6 +169,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, la
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    static = act_order and g != k  # group parameters fixed up front from the original weights
+    w, h = w[:, perm], h[perm][:, perm]
     h_inv_upper = _inverse_cholesky(h, layer)
 
     row_scale = None
@@ -148,6 +185,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, la
     codes = torch.zeros_like(w)
     deq = torch.zeros_like(w)
     scales, offsets, seconds = torch.zeros(n, groups), torch.zeros(n, groups), torch.zeros(n, groups)
+    if static:
+        original = torch.empty_like(w)
+        original[:, perm] = w
+        for j in range(groups):
+            params.find(original[:, j * g : (j + 1) * g])
+            scales[:, j], offsets[:, j] = params.scale, params.offset
+            if grid.two_step:
+                seconds[:, j] = params.second
 
     for i1 in range(0, k, BLOCK_SIZE):
         i2 = min(i1 + BLOCK_SIZE, k)
@@ -155,8 +200,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, la
         errors = torch.zeros_like(block)
         h_block = h_inv_upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
+            col = i1 + i  # position in processing order; perm[col] is the original column
+            if static:
+                group = perm[col].item() // g
+                params.scale, params.offset = scales[:, group], offsets[:, group]
+            elif col % g == 0:
                 if g != k:  # group parameters from the running weights (this block's updated columns, then later)
                     params.find(torch.cat([block[:, i:], w[:, i2:]], dim=1)[:, :g])
                 scales[:, col // g], offsets[:, col // g] = params.scale, params.offset
@@ -170,6 +218,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, la
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
             errors[:, i] = err
         w[:, i2:] -= errors @ h_inv_upper[i1:i2, i2:]
+    inverse = torch.argsort(perm)
+    codes, deq = codes[:, inverse], deq[:, inverse]
     return GPTQResult(codes, scales, offsets, seconds if grid.two_step else None, row_scale, deq)
 
 

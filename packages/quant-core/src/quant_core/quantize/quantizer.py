@@ -12,7 +12,7 @@ files -> rename the directory into place. Nothing is written before the plan and
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from quant_core.quantize.flatquant import (
 from quant_core.quantize.gptq import GPTQ_SCHEMES, HessianAccumulator, checkpoint_tensors, gptq_quantize, grid_for
 from quant_core.quantize.kvcache import C8, KVCacheObserver, attention_prefixes
 from quant_core.quantize.plan import STATIC_SCHEMES, LinearLayer, QuantPlan, build_plan, parse_rules
-from quant_core.quantize.smooth import Smoothing, check_alpha, smooth_model, smoothing_groups
+from quant_core.quantize.smooth import Smoothing, check_alpha, down_smoothing_groups, smooth_model, smoothing_groups
 from quant_core.quantize.source import SourceCheckpoint
 from quant_core.quantize.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -94,6 +94,8 @@ class Calibrated:
     hessians: dict[str, HessianAccumulator] = field(default_factory=dict)  # GPTQ layer -> its inputs' XᵀX
     kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # C8 tensors by name
     flatquant: FlatQuantResult | None = None  # learned transforms of the FlatQuant layers
+    gptq_clip: float = 1.0  # GPTQ options (see gptq.py): smallest clip ratio searched, column order
+    gptq_act_order: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,7 +115,10 @@ def quantize_model(
     calib_seq_len: int = 256,
     percentile: float | None = None,
     smooth: float | None = None,
+    smooth_down: float | None = None,
     gptq: bool = False,
+    gptq_clip: float | None = None,
+    gptq_act_order: bool = False,
     kv_cache: str | None = None,
     flatquant_epochs: int | None = None,
     overwrite: bool = False,
@@ -125,8 +130,10 @@ def quantize_model(
     calibration text that static schemes (W8A8, W8A8_MIX, W8A8S), ``smooth``, ``gptq`` and ``kv_cache`` need;
     ``percentile`` clips static ranges. ``group_size`` is the description's global group size (W4A16, W4A8_DYNAMIC;
     0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
-    (:mod:`~quant_core.quantize.smooth`); ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with
-    GPTQ instead of round-to-nearest (:mod:`~quant_core.quantize.gptq`); ``kv_cache="C8"`` writes int8 KV-cache
+    (:mod:`~quant_core.quantize.smooth`), ``smooth_down=ALPHA`` also between each dense MLP's up_proj and
+    down_proj; ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead of
+    round-to-nearest (:mod:`~quant_core.quantize.gptq`; ``gptq_clip=R`` searches clip ratios in [R, 1],
+    ``gptq_act_order`` quantizes columns by decreasing Hessian diagonal); ``kv_cache="C8"`` writes int8 KV-cache
     scales (:mod:`~quant_core.quantize.kvcache`). ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on
     ``calib`` (``calib_samples`` windows of ``calib_seq_len`` tokens, ``flatquant_epochs`` passes; without ``calib``
     they get identity transforms, i.e. plain round-to-nearest; :mod:`~quant_core.quantize.flatquant`).
@@ -139,18 +146,28 @@ def quantize_model(
     if out_dir.exists() and not overwrite:
         raise QuantCoreError(f"{out_dir} already exists; choose another --out or pass --overwrite to replace it.")
     alpha = None if smooth is None else check_alpha(smooth)
+    alpha_down = None if smooth_down is None else check_alpha(smooth_down)
     kv_cache = _check_kv_cache(kv_cache)
     source = SourceCheckpoint(model_dir)
     plan = build_plan(source, scheme, rules=parse_rules(skip, layer_schemes), group_size=group_size)
     gptq_layers = _gptq_layers(plan) if gptq else []
-    flatquant = _flatquant_config(plan, calib, flatquant_epochs, alpha)
+    if (gptq_clip is not None or gptq_act_order) and not gptq:
+        raise QuantCoreError("gptq_clip / gptq_act_order are GPTQ options: add --gptq, or drop them.")
+    if gptq_clip is not None and not 0 < gptq_clip <= 1:
+        raise QuantCoreError(f"gptq_clip is the smallest range ratio searched, in (0, 1], e.g. 0.7; got {gptq_clip}.")
+    flatquant = _flatquant_config(plan, calib, flatquant_epochs, alpha if alpha_down is None else alpha_down)
 
     static = plan.static_layers
     needs = []
     if static:
         names = ", ".join(sorted({layer.quant_type for layer in static}))
         needs.append(f"{len(static)} layers use static activation quantization ({names}, e.g. {static[0].prefix})")
-    needs += ["--smooth"] * (alpha is not None) + ["--gptq"] * bool(gptq) + [f"--kv-cache {kv_cache}"] * bool(kv_cache)
+    needs += (
+        ["--smooth"] * (alpha is not None)
+        + ["--smooth-down"] * (alpha_down is not None)
+        + ["--gptq"] * bool(gptq)
+        + [f"--kv-cache {kv_cache}"] * bool(kv_cache)
+    )
     needs += ["FlatQuant"] * (flatquant is not None)
     calibrated = Calibrated()
     if needs and calib is None:
@@ -161,7 +178,9 @@ def quantize_model(
         )
     if needs:
         config = CalibrationConfig(Path(calib), calib_samples, calib_seq_len, percentile)
-        calibrated = run_calibration(source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress)
+        calibrated = run_calibration(
+            source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress, alpha_down=alpha_down
+        )
     elif calib is not None or percentile is not None:
         warnings.warn(
             f"calibration ignored: no layer uses a static scheme ({', '.join(sorted(STATIC_SCHEMES))}), and neither "
@@ -169,6 +188,7 @@ def quantize_model(
             stacklevel=2,
         )
 
+    calibrated.gptq_clip, calibrated.gptq_act_order = gptq_clip or 1.0, gptq_act_order
     extra_globals = {"kv_cache_type": kv_cache, "kv_quant_type": kv_cache} if kv_cache else {}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -251,16 +271,22 @@ def run_calibration(
     flatquant: FlatQuantConfig | None = None,
     *,
     progress: bool = True,
+    alpha_down: float | None = None,
 ) -> Calibrated:
     """Load the float model once; smooth it (its own pass), fit the FlatQuant transforms (layer by layer, leaving
     the model unchanged), then one pass for ranges, Hessians and the KV cache."""
     session = FloatModel(source.model_dir, config, progress=progress)
     result = Calibrated()
     try:
-        if alpha is not None:
-            groups, skipped = smoothing_groups(source, plan, session.model.config.model_type)
+        if alpha is not None or alpha_down is not None:
+            model_type = session.model.config.model_type
+            groups, skipped = smoothing_groups(source, plan, model_type) if alpha is not None else ([], [])
             norm_dtypes = {f"{g.norm}.weight": source.tensors[f"{g.norm}.weight"].torch_dtype for g in groups}
-            result.smoothing = smooth_model(session, groups, alpha, norm_dtypes)
+            if alpha_down is not None:
+                pairs, skipped_pairs = down_smoothing_groups(source, plan, model_type, alpha_down)
+                groups, skipped = groups + pairs, skipped + skipped_pairs
+                result.notes.append(f"down_proj smoothing (alpha {alpha_down:g}) folded into {len(pairs)} up_proj")
+            result.smoothing = smooth_model(session, groups, alpha if alpha is not None else alpha_down, norm_dtypes)
             result.smoothing.skipped = skipped
             if skipped:
                 result.notes.append(f"not smoothed: {'; '.join(skipped[:2])}{' ...' if len(skipped) > 2 else ''}")
@@ -362,7 +388,10 @@ def write_tensors(
                 if flat is not None and layer.prefix in flat.linears:
                     tensors, bias = quantize_linear(plan, layer, flat.linears[layer.prefix], weight, bias)
                 else:
-                    tensors = quantize_layer(schemes[key], layer, weight, bias, calibrated.ranges, hessian)
+                    tensors = quantize_layer(
+                        schemes[key], layer, weight, bias, calibrated.ranges, hessian,
+                        clip=calibrated.gptq_clip, act_order=calibrated.gptq_act_order,
+                    )  # fmt: skip
                 for suffix, tensor in tensors.items():
                     writer.add(f"{layer.prefix}.{suffix}", tensor, layer.quant_type)
                 if bias is not None:
@@ -383,14 +412,17 @@ def quantize_layer(
     bias: torch.Tensor | None,
     ranges: dict[str, tuple[float, float]],
     hessian: HessianAccumulator | None = None,
+    *,
+    clip: float = 1.0,
+    act_order: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One layer's checkpoint tensors (RTN, or GPTQ given the inputs' Hessian), checked against the scheme's own
     specs before they are written."""
     source_dtype = layer.weight.torch_dtype
     with torch.no_grad():
         if hessian is not None:
-            grid = grid_for(layer.quant_type, scheme, layer.in_features, layer.out_features)
-            result = gptq_quantize(weight, hessian.hessian(), grid, layer=layer.prefix)
+            grid = replace(grid_for(layer.quant_type, scheme, layer.in_features, layer.out_features), clip=clip)
+            result = gptq_quantize(weight, hessian.hessian(), grid, layer=layer.prefix, act_order=act_order)
             tensors = checkpoint_tensors(layer.quant_type, result, row_parallel=getattr(scheme, "row_parallel", False))
         else:
             calibration = {}

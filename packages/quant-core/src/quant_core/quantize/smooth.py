@@ -12,13 +12,20 @@ scaled weights. Because the new norm weight is rounded to the checkpoint dtype (
 the *effective* factor ``old_norm / new_norm`` instead of ``s``, so the written float model equals the smoothed
 one exactly (before quantization).
 
+A second kind of group, ``up_proj -> down_proj`` (``smooth_down``, msModelSlim's and AWQ's linear-linear pair):
+down_proj reads ``act(gate_proj(x)) · up_proj(x)``, which is linear in up_proj's output, so dividing up_proj's
+*row* j by ``s_j`` and multiplying down_proj's column j by ``s_j`` leaves the MLP unchanged. down_proj's input has
+the model's largest outliers (the first token's "massive activations" run into the thousands on small Llamas), which
+no norm can absorb; this pair is what makes static per-tensor W8A8 usable on such models. Row scaling does not change
+up_proj's quantization error (its per-row / per-group scales scale with it).
+
 Skipped groups: a norm whose linears are not all quantized (nothing to gain), and MoE blocks, whose
 ``post_attention_layernorm`` also feeds the router (and, in transformers 5, fused 3-D expert parameters); smoothing
 those would have to scale the float router too. Model types other than the Llama / Qwen / Mistral families are
 refused, since their norms may not be a plain ``x / rms(x) · weight`` (Gemma's ``1 + weight``, LayerNorm bias, ...).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,8 +48,11 @@ MIN_SCALE = 1e-5  # SmoothQuant's clamp: no factor (nor absmax) below this
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    norm: str  # module prefix, e.g. model.layers.0.input_layernorm
+    norm: str  # module prefix whose output is divided by s: an RMSNorm (e.g. ...input_layernorm) or, with
+    # ``rows``, a linear (up_proj: its weight rows)
     linears: tuple[str, ...]
+    rows: bool = False
+    alpha: float | None = None  # None: smooth_model's alpha
 
 
 @dataclass
@@ -53,11 +63,14 @@ class Smoothing:
     norms: dict[str, torch.Tensor]  # "<norm>.weight" -> new weight
     column_scales: dict[str, torch.Tensor]  # linear prefix -> [K] factors its weight columns were multiplied by
     skipped: list[str]  # norms left alone, with the reason
+    row_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # up_proj prefix -> [N] row factors
 
     def weight(self, prefix: str, weight: torch.Tensor) -> torch.Tensor:
         """The smoothed float32 weight of linear ``prefix`` (unchanged if it is in no smoothed group)."""
-        scale = self.column_scales.get(prefix)
-        return weight if scale is None else weight.float() * scale
+        cols, rows = self.column_scales.get(prefix), self.row_scales.get(prefix)
+        if cols is not None:
+            weight = weight.float() * cols
+        return weight if rows is None else weight.float() * rows[:, None]
 
 
 def check_alpha(alpha: float) -> float:
@@ -92,19 +105,47 @@ def smoothing_groups(source: SourceCheckpoint, plan: QuantPlan, model_type: str)
     return groups, skipped
 
 
+def down_smoothing_groups(
+    source: SourceCheckpoint, plan: QuantPlan, model_type: str, alpha: float
+) -> tuple[list[SmoothGroup], list[str]]:
+    """The ``mlp.up_proj -> mlp.down_proj`` pairs of dense MLPs to smooth with ``alpha``, and the pairs skipped."""
+    if model_type not in SMOOTHABLE_MODEL_TYPES:
+        raise QuantCoreError(
+            f"down_proj smoothing supports model types {', '.join(sorted(SMOOTHABLE_MODEL_TYPES))} (gated MLPs, "
+            f"down_proj(act(gate_proj(x)) · up_proj(x))); {source.model_dir} is {model_type!r}. Drop --smooth-down."
+        )
+    groups, skipped = [], []
+    for name in source.tensors:
+        if not name.endswith(".mlp.down_proj.weight"):
+            continue
+        down = name.removesuffix(".weight")
+        up = down.removesuffix("down_proj") + "up_proj"
+        if up not in plan.linears or down not in plan.linears:
+            skipped.append(f"{down} (no {up} beside it)")
+        elif FLOAT in (plan.linears[up].quant_type, plan.linears[down].quant_type):
+            skipped.append(f"{down} (it or {up} stays FLOAT)")
+        elif plan.linears[up].has_bias:
+            skipped.append(f"{down} ({up} has a bias)")
+        else:
+            groups.append(SmoothGroup(up, (down,), rows=True, alpha=alpha))
+    return groups, skipped
+
+
 def smooth_model(session: FloatModel, groups: list[SmoothGroup], alpha: float, norm_dtype: dict[str, torch.dtype]):
     """Collect each group's activation absmax on the calibration samples, then smooth ``session.model`` in place.
 
-    ``norm_dtype`` maps each ``<norm>.weight`` to its checkpoint dtype (the new norm weight is rounded to it).
-    Returns the :class:`Smoothing` the writer applies to the checkpoint tensors."""
+    ``norm_dtype`` maps each ``<norm>.weight`` to its checkpoint dtype (the new norm weight is rounded to it); row
+    groups (``up_proj -> down_proj``) need no entry. Returns the :class:`Smoothing` the writer applies to the
+    checkpoint tensors."""
     absmax: dict[str, torch.Tensor] = {}
 
-    def observe(name: str, output: torch.Tensor) -> None:
-        amax = output.detach().abs().reshape(-1, output.shape[-1]).amax(0).float()
+    def observe(name: str, x: torch.Tensor) -> None:
+        amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
         absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
 
+    # the first linear's input is what gets quantized (for a norm group: the norm's output)
     handles = [
-        session.module(g.norm).register_forward_hook(lambda _m, _a, out, name=g.norm: observe(name, out))
+        session.module(g.linears[0]).register_forward_pre_hook(lambda _m, args, name=g.norm: observe(name, args[0]))
         for g in groups
     ]
     try:
@@ -113,7 +154,7 @@ def smooth_model(session: FloatModel, groups: list[SmoothGroup], alpha: float, n
         for handle in handles:
             handle.remove()
 
-    norms, column_scales = {}, {}
+    norms, column_scales, row_scales = {}, {}, {}
     with torch.no_grad():
         for g in groups:
             if g.norm not in absmax:
@@ -121,7 +162,14 @@ def smooth_model(session: FloatModel, groups: list[SmoothGroup], alpha: float, n
             norm = session.module(g.norm)
             linears = [session.module(p) for p in g.linears]
             w_absmax = torch.stack([m.weight.abs().amax(0) for m in linears]).amax(0)
-            s = smoothing_factors(absmax[g.norm], w_absmax, alpha)
+            s = smoothing_factors(absmax[g.norm], w_absmax, alpha if g.alpha is None else g.alpha)
+            if g.rows:  # up_proj rows / s, down_proj columns * s: both quantized from fp32, no rounding to track
+                norm.weight.div_(s[:, None])
+                row_scales[g.norm] = 1 / s
+                for p, m in zip(g.linears, linears, strict=True):
+                    m.weight.mul_(s)
+                    column_scales[p] = s
+                continue
             old = norm.weight.detach().float()
             new = (old / s).to(norm_dtype[f"{g.norm}.weight"])
             effective = torch.where(new.float() != 0, old / new.float(), torch.ones_like(old))
@@ -130,7 +178,7 @@ def smooth_model(session: FloatModel, groups: list[SmoothGroup], alpha: float, n
                 m.weight.mul_(effective)
                 column_scales[p] = effective
             norms[f"{g.norm}.weight"] = new
-    return Smoothing(alpha, norms, column_scales, [])
+    return Smoothing(alpha, norms, column_scales, [], row_scales)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
