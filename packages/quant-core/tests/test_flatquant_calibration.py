@@ -252,6 +252,7 @@ def test_gptq_needs_tokens(models, calib):
     """8 x 32 calibration tokens for K = 128 / 256: too few for a full-rank Hessian, so every group stays RTN."""
     _, result = calibrated(models["llama"], calib, "W4A4_FLATQUANT_DYNAMIC")
     assert len(result.rtn) == 8 and all(t.inner is None for t in result.linears.values())
+    assert len(result.final) == 2 and all(v > 0 for v in result.final)  # each layer's quantized output MSE
     assert "RTN instead of GPTQ for 8 input groups" in result.note(fq.FlatQuantConfig(epochs=1))
 
 
@@ -272,6 +273,8 @@ def test_options_and_errors(models, calib, tmp_path):
         quantize_model(model, tmp_path / "b", "W8A8_DYNAMIC", flatquant_epochs=1, progress=False)
     with pytest.raises(QuantCoreError, match="non-negative integer"):
         fq.FlatQuantConfig(epochs=-1)
+    with pytest.raises(QuantCoreError, match="init must be one of"):
+        fq.FlatQuantConfig(init="identity")
     with pytest.warns(UserWarning, match="identity transforms"):
         quantize_model(model, tmp_path / "c", "W8A8_FLATQUANT_DYNAMIC", progress=False)
     tensors = load_file(next((tmp_path / "c").glob("*.safetensors")))
@@ -286,3 +289,48 @@ def test_cli_flatquant_epochs(models, calib, tmp_path, capsys):
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert "FlatQuant: 14 linears in 2 decoder layers, 0 epoch(s) on 4 x 16 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 24, 32, 48, 64, 88, 128])
+def test_hadamard_matrices(n):
+    """Sylvester doubling of Paley I: entries ±1 and H Hᵀ = n I exactly (24 = 23 + 1, 48 = 2 · 24, 88 = 8 · 11)."""
+    h = fq.hadamard(n)
+    assert h is not None and set(h.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n))
+
+
+@pytest.mark.parametrize("init", fq.INITS)
+@pytest.mark.parametrize("n", [9, 24, 48])
+def test_initial_rotations_are_orthogonal(init, n):
+    """9 has no Hadamard matrix of this construction (9 is odd): random orthogonal there."""
+    assert fq.hadamard(9) is None
+    q = fq.initial_rotation(n, torch.Generator().manual_seed(0), init)
+    # float32 of entries ±1/√n (or a float64 QR cast to float32): ~1e-7; a wrong sign pattern gives O(1)
+    assert torch.allclose(q @ q.T, torch.eye(n), atol=1e-5)
+    if init == "hadamard" and n != 9:
+        assert torch.allclose(q.abs(), torch.full((n, n), n**-0.5))  # maximally incoherent: spreads outliers
+
+
+def test_mse_weight_clip_never_worse_than_no_clip():
+    """Per row, the chosen clip's quantization error is at most the unclipped one; for Gaussian rows the int4
+    optimum is well inside (0.5, 1) (the MSE-optimal 4-bit clip of a Gaussian is ~2.5-3 σ against an absmax of
+    ~3.5-4 σ for 1152 samples)."""
+    w = torch.randn(64, 1152, generator=torch.Generator().manual_seed(0))
+    ratio = fq.mse_weight_clip(w, 4)
+    err = lambda r: (fq.fake_quant_rows(w, 4, r) - w).square().sum(1)  # noqa: E731
+    assert (err(ratio) <= err(torch.ones(64))).all()
+    assert 0.55 < ratio.mean() < 0.9 and ratio.max() < 1
+    assert (fq.mse_weight_clip(w, 8) > ratio).all()  # 8 bits: rounding is cheap, clipping is not
+
+
+def test_token_weights_cap_outlier_tokens():
+    """An attention-sink-like token whose layer output changes by 1e4x the median counts as ``cap`` median tokens;
+    the others keep weight 1; without a cap every weight is 1."""
+    inputs = torch.zeros(2, 8, 4)
+    targets = torch.ones(2, 8, 4)
+    targets[1, 0] = 100.0  # |Δ|² = 4e4 against a median of 4
+    w = fq.token_weights(inputs, targets, 10.0)
+    assert w[1, 0].item() == pytest.approx(10 * 4 / 4e4) and (w.flatten()[w.flatten() != w[1, 0]] == 1).all()
+    assert (fq.token_weights(inputs, targets, None) == 1).all()
+    with pytest.raises(QuantCoreError, match="token_cap"):
+        fq.FlatQuantConfig(token_cap=0.0)
