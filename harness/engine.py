@@ -128,9 +128,10 @@ def perplexity(llm, docs: int, max_len: int) -> dict[str, Any]:
     return {"docs": len(prompts), "tokens": count, "max_len": max_len, "nll": nll / count, "ppl": math.exp(nll / count)}
 
 
-def token_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
-    """Seconds from submission to the arrival of each output token, for one request alone in the engine
-    (greedy, EOS ignored), stepping the engine ourselves and streaming the tokens as they come."""
+def batch_token_times(llm, prompts: list[list[int]], max_tokens: int) -> list[list[float]]:
+    """Seconds from submission to the arrival of each output token, per request, for `prompts` submitted together
+    and alone in the engine (greedy, EOS ignored), stepping the engine ourselves and streaming the tokens as they
+    come."""
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
@@ -138,15 +139,22 @@ def token_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
     params = SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
     )
+    ids = [f"speed-{next(REQUEST_IDS)}" for _ in prompts]
+    times: dict[str, list[float]] = {i: [] for i in ids}
     start = time.perf_counter()
-    engine.add_request(f"speed-{next(REQUEST_IDS)}", TokensPrompt(prompt_token_ids=prompt), params)
-    times: list[float] = []
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
     while engine.has_unfinished_requests():
         for out in engine.step():
-            times += [time.perf_counter() - start] * len(out.outputs[0].token_ids)
-    if len(times) != max_tokens:
-        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {len(times)}")
-    return times
+            times[out.request_id] += [time.perf_counter() - start] * len(out.outputs[0].token_ids)
+    if any(len(t) != max_tokens for t in times.values()):
+        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {[len(t) for t in times.values()]}")
+    return [times[i] for i in ids]
+
+
+def token_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
+    """`batch_token_times` for one request alone in the engine."""
+    return batch_token_times(llm, [prompt], max_tokens)[0]
 
 
 def speed(llm, prefill_len: int, decode_tokens: int, repeats: int) -> dict[str, Any]:
@@ -179,22 +187,30 @@ def checkpoint_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def make_llm(model: Path, dtype: str, quantization: str | None, max_model_len: int, max_num_seqs: int):
+    """The in-process engine every harness measurement uses (eager, seed 0, no prefix caching), and the keyword
+    arguments that chose its quantization."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ["MODELSLIM_BACKEND"] = args.backend  # the adapter's kernel backend (vllm_adapter.config.BACKEND_ENV)
-    start = time.perf_counter()
-    import torch
     import vllm
 
     from vllm_adapter.plugin import register
 
     register()  # in-process engines load entry points late; registering here is idempotent
-    kwargs: dict[str, Any] = {"quantization": our_method(args.quantization)} if args.quantization else {}
-    llm = vllm.LLM(
-        model=str(args.model), dtype=args.dtype, enforce_eager=True, seed=0, enable_prefix_caching=False,
-        max_model_len=max(args.ppl_max_len + 1, args.prefill_len + 1, 1024), max_num_seqs=4, **kwargs,
-    )  # fmt: skip
+    kwargs: dict[str, Any] = {"quantization": our_method(quantization)} if quantization else {}
+    llm = vllm.LLM(model=str(model), dtype=dtype, enforce_eager=True, seed=0, enable_prefix_caching=False,
+                   max_model_len=max_model_len, max_num_seqs=max_num_seqs, **kwargs)  # fmt: skip
+    return llm, kwargs
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["MODELSLIM_BACKEND"] = args.backend  # the adapter's kernel backend (vllm_adapter.config.BACKEND_ENV)
+    start = time.perf_counter()
+    import torch
+    import vllm
+
+    llm, kwargs = make_llm(args.model, args.dtype, args.quantization,
+                           max(args.ppl_max_len + 1, args.prefill_len + 1, 1024), max_num_seqs=4)  # fmt: skip
     loaded = time.perf_counter()
     result: dict[str, Any] = {
         "label": args.label,

@@ -23,33 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness.engine import DATA, ENV_DEFAULTS, has_dist, kernel_names, our_method, read_texts
-
-REQUEST_IDS = itertools.count()
-
-
-def batch_token_times(llm, prompts: list[list[int]], max_tokens: int) -> list[list[float]]:
-    """Seconds from submission to the arrival of each output token, per request, for `prompts` submitted together
-    and alone in the engine (greedy, EOS ignored), stepping the engine ourselves. `harness.engine.token_times` is
-    the one-prompt case."""
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RequestOutputKind
-
-    engine = llm.llm_engine
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
-    )
-    ids = [f"perf-{next(REQUEST_IDS)}" for _ in prompts]
-    times: dict[str, list[float]] = {i: [] for i in ids}
-    start = time.perf_counter()
-    for request_id, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            times[out.request_id] += [time.perf_counter() - start] * len(out.outputs[0].token_ids)
-    if any(len(t) != max_tokens for t in times.values()):
-        raise RuntimeError(f"asked for {max_tokens} tokens with ignore_eos, got {[len(t) for t in times.values()]}")
-    return [times[i] for i in ids]
+from harness.engine import DATA, batch_token_times, has_dist, kernel_names, make_llm, read_texts
 
 
 def corpus_tokens(llm, needed: int) -> list[int]:
@@ -86,20 +60,11 @@ def measure(llm, batches: list[int], prefill_len: int, decode_tokens: int, repea
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     start, load_before = time.perf_counter(), os.getloadavg()
     import torch
-    import vllm
 
-    from vllm_adapter.plugin import register
-
-    register()
-    kwargs: dict[str, Any] = {"quantization": our_method(args.quantization)} if args.quantization else {}
-    llm = vllm.LLM(
-        model=str(args.model), dtype=args.dtype, enforce_eager=True, seed=0, enable_prefix_caching=False,
-        max_model_len=max(args.prefill_len + 1, 1024), max_num_seqs=max(args.batches), **kwargs,
-    )  # fmt: skip
+    llm, kwargs = make_llm(args.model, args.dtype, args.quantization, max(args.prefill_len + 1, 1024),
+                           max_num_seqs=max(args.batches))  # fmt: skip
     loaded = time.perf_counter()
     scheduler = llm.llm_engine.vllm_config.scheduler_config
     result: dict[str, Any] = {
