@@ -64,19 +64,25 @@ def stop(proc: subprocess.Popen) -> int:
         raise AssertionError("vllm serve did not shut down within 60 s of SIGINT") from None
 
 
-def test_vllm_serve_answers_a_completion(checkpoints, tmp_path):
-    model_dir = checkpoints.quantized("qwen3", "W8A8_DYNAMIC")
-    offline, _ = generate(model_dir, max_tokens=MAX_TOKENS)
-    port, log = free_port(), tmp_path / "serve.log"
+def serve(model_dir: Path, log: Path, max_num_seqs: int) -> tuple[subprocess.Popen, str, Path]:
+    """`vllm-modelslim serve` of `model_dir` on a free loopback port (its own process session, output in `log`), with
+    vLLM's default process layout; returns the process and the server's URL."""
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     command = [
         sys.executable, "-m", "vllm_adapter.cli", "serve", str(model_dir), "--quantization", "ascend",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "128", "--max-num-seqs", "1", "--seed", "0",
+        "--max-model-len", "128", "--max-num-seqs", str(max_num_seqs), "--seed", "0",
     ]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_vllm_serve_answers_a_completion(checkpoints, tmp_path):
+    model_dir = checkpoints.quantized("qwen3", "W8A8_DYNAMIC")
+    offline, _ = generate(model_dir, max_tokens=MAX_TOKENS)
+    proc, url, log = serve(model_dir, tmp_path / "serve.log", max_num_seqs=1)
     try:
         wait_healthy(proc, url, log)
         answer = complete(url, str(model_dir))

@@ -10,17 +10,14 @@ the KV cache and compiled kernels already exist. The numbers are written to `bui
 """
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-from test_serve import free_port, stop, wait_healthy
+from test_serve import serve, stop, wait_healthy
 
 CLIENTS, REQUESTS_PER_CLIENT = 32, 20
 DEADLINE_S = 120  # per request; the burst queues 640 requests behind 8 engine slots on two shared cores
@@ -69,16 +66,8 @@ def burst(url: str, model: str) -> tuple[list[tuple[int, str, float]], list[str]
 
 def test_serve_survives_a_burst_with_sequential_answers(checkpoints, tmp_path):
     model_dir = checkpoints.quantized("qwen3", "W8A8_DYNAMIC")
-    port, log = free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    command = [
-        sys.executable, "-m", "vllm_adapter.cli", "serve", str(model_dir), "--quantization", "ascend",
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "128", "--max-num-seqs", "8", "--seed", "0",
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url, model = f"http://127.0.0.1:{port}", str(model_dir)
+    proc, url, log = serve(model_dir, tmp_path / "serve.log", max_num_seqs=8)
+    model = str(model_dir)
     try:
         wait_healthy(proc, url, log)
         alone = [post(url, model, prompt)[0] for prompt in PROMPTS]
