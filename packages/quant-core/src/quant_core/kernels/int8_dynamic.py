@@ -78,9 +78,26 @@ class FbgemmInt8Dynamic(LinearKernel):
         return {"packed_weight": fbgemm_prepack(tensors["weight"], tensors["weight_scale"])}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_per_token(x, 8)
-        y = exact_int8_gemm(x_q.float(), runtime["packed_weight"]).mul_(s_tok)
+        if fbgemm_saturates():
+            x_q, s_tok = quantize_per_token(x, 8)
+            y = exact_int8_gemm(x_q.float(), runtime["packed_weight"])
+        else:  # the same codes in fewer elementwise passes: this path is per-call overhead at decode
+            codes, s_tok = scale_per_token(x)
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                codes, 1.0, 128, runtime["packed_weight"]
+            )
+        y.mul_(s_tok)
         return y if bias is None else y.add_(bias)
+
+
+def scale_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 codes of :func:`quantize_per_token` as float32 (rounded, not clamped: ``|x / s_tok| <= 127`` up to
+    one rounding, which the GEMM's own clamp absorbs) and ``s_tok = amax|x| / 127``. The rounding stays here: fbgemm
+    adds the zero point before it rounds, which moves ties. All-zero rows divide by the smallest normal float
+    instead of 0, giving codes 0 as the reference does."""
+    x32 = x.float()
+    s_tok = x32.abs().amax(dim=-1, keepdim=True).div_(127)
+    return torch.div(x32, s_tok.clamp_min(torch.finfo(torch.float32).tiny)).round_(), s_tok
 
 
 def exact_int8_gemm(codes: torch.Tensor, packed_weight: Any) -> torch.Tensor:
@@ -115,9 +132,9 @@ class FbgemmInt8DynamicInt4Weights(FbgemmInt8Dynamic):
     name = "cpu-fbgemm-int8-dynamic-int4-weights"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_per_token(x, 8)
+        codes, s_tok = scale_per_token(x)
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x_q.float(), 1.0, 128, runtime["packed_weight"]
+            codes, 1.0, 128, runtime["packed_weight"]
         ).mul_(s_tok)
         return y if bias is None else y.add_(bias)
 
