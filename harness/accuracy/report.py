@@ -119,6 +119,12 @@ def markdown(args, runs: list[ModelRun], exact: dict[str, ExactResult], env: dic
         "count (the bound column shows that floor as a ratio to float).",
         "",
     ]
+    scoped = [f"{r.config.scheme} ({', '.join(r.config.gated_tasks)})" for r in runs[1:] if r.config.gated_tasks]
+    if scoped:
+        lines += [
+            f"Gates limited to the tasks a target names (the other tasks are reported, `–`): {'; '.join(scoped)}.",
+            "",
+        ]
     if args.smoke:
         guarded = [r.config.scheme for r in runs[1:] if r.config.smoke_gates is not None]
         lines += [

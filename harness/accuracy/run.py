@@ -98,6 +98,9 @@ def task_limits(configs: list[RunConfig], smoke: bool) -> dict[str, int]:
         unknown = (set(config.gates) | set(config.smoke_gates or {})) - set(GATES)
         if unknown:
             raise SystemExit(f"{config.path}: unknown gates {sorted(unknown)}; known: {', '.join(GATES)}")
+        stray = set(config.gated_tasks or ()) - set(config.tasks)
+        if stray:
+            raise SystemExit(f"{config.path}: gated_tasks {sorted(stray)} are not among its tasks {list(config.tasks)}")
         for task in config.tasks:
             if task not in TASK_DATA:
                 raise SystemExit(f"{config.path}: unknown task {task!r}; known: {', '.join(TASK_DATA)}")
@@ -184,7 +187,7 @@ def n_items(run: ModelRun, task: str) -> int:
 
 def apply_gates(baseline: ModelRun, run: ModelRun, smoke: bool) -> None:
     gates = run.config.gates_for(smoke)
-    for task in run.samples:
+    for task in filter(run.config.gated, run.samples):
         ppl, ppl_float = metric(run, task, PPL_METRIC), metric(baseline, task, PPL_METRIC)
         acc, acc_float = metric(run, task, ACC_METRIC), metric(baseline, task, ACC_METRIC)
         if ppl is not None and ppl_float is not None and "ppl_ratio_max" in gates:

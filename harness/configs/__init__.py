@@ -29,10 +29,14 @@ class RunConfig:
     limits: dict[str, int] = field(default_factory=dict)
     gates: dict[str, float] = field(default_factory=dict)
     smoke_gates: dict[str, float] | None = None
+    gated_tasks: tuple[str, ...] | None = None  # the tasks the gates apply to (None: all); the rest is reported
     path: Path | None = None
 
     def gates_for(self, smoke: bool) -> dict[str, float]:
         return self.smoke_gates if smoke and self.smoke_gates is not None else self.gates
+
+    def gated(self, task: str) -> bool:
+        return self.gated_tasks is None or task in self.gated_tasks
 
     def quantize_options(self) -> dict[str, Any]:
         """`quantize` with repository-relative paths made absolute."""
@@ -49,7 +53,7 @@ def load(model: str, scheme: str) -> RunConfig:
         known = ", ".join(sorted(p.stem.upper() for p in (CONFIGS / model).glob("*.yaml"))) or "none"
         raise SystemExit(f"no configuration {path} for {model} × {scheme}; configured schemes: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"model", "scheme", "quantize", "tasks", "limits", "gates", "smoke_gates"}
+    unknown = set(raw) - {"model", "scheme", "quantize", "tasks", "limits", "gates", "smoke_gates", "gated_tasks"}
     if unknown:
         raise SystemExit(f"{path}: unknown keys {sorted(unknown)}")
     return RunConfig(
@@ -60,6 +64,7 @@ def load(model: str, scheme: str) -> RunConfig:
         limits=dict(raw.get("limits") or {}),
         gates=dict(raw.get("gates") or {}),
         smoke_gates=None if raw.get("smoke_gates") is None else dict(raw["smoke_gates"]),
+        gated_tasks=None if raw.get("gated_tasks") is None else tuple(raw["gated_tasks"]),
         path=path,
     )
 

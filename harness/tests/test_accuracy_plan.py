@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.accuracy.run import SMOKE_LIMITS, TASK_DATA, plan, select, task_limits
+from harness.accuracy.run import PPL_METRIC, SMOKE_LIMITS, TASK_DATA, ModelRun, apply_gates, plan, select, task_limits
 from harness.configs import RunConfig, schemes
 
 MODEL = "smollm2-135m"
@@ -62,3 +62,25 @@ def test_unknown_smoke_gates_are_refused():
     config = RunConfig(MODEL, "W8A16", tasks=("wiki_ppl_local",), smoke_gates={"ppl_max": 1.01})
     with pytest.raises(SystemExit, match="unknown gates"):
         task_limits([config], smoke=True)
+
+
+def test_gated_tasks_limit_the_gates_and_the_rest_is_only_reported():
+    tasks = ("wiki_ppl_local", "owt_ppl_local")
+    results = lambda wiki, owt: {"results": {"wiki_ppl_local": {PPL_METRIC: wiki}, "owt_ppl_local": {PPL_METRIC: owt}}}  # noqa: E731
+    baseline = ModelRun(RunConfig(MODEL, "FLOAT", tasks=tasks), {}, lm_eval=results(20.0, 30.0))
+    samples = {t: [0] for t in tasks}
+    only_wiki = RunConfig(MODEL, "W4A4_FLATQUANT_DYNAMIC", tasks=tasks, gates={"ppl_ratio_max": 1.35},
+                          gated_tasks=("wiki_ppl_local",))  # fmt: skip
+    run = ModelRun(only_wiki, samples, lm_eval=results(26.0, 42.0))  # wiki 1.30 passes, owt 1.40 is not gated
+    apply_gates(baseline, run, smoke=False)
+    assert [(g.task, g.passed) for g in run.gates] == [("wiki_ppl_local", True)]
+    every_task = ModelRun(RunConfig(MODEL, "W4A4_FLATQUANT_DYNAMIC", tasks=tasks, gates={"ppl_ratio_max": 1.35}),
+                          samples, lm_eval=results(26.0, 42.0))  # fmt: skip
+    apply_gates(baseline, every_task, smoke=False)
+    assert [(g.task, g.passed) for g in every_task.gates] == [("wiki_ppl_local", True), ("owt_ppl_local", False)]
+
+
+def test_gated_tasks_must_be_tasks_of_the_configuration():
+    config = RunConfig(MODEL, "W8A16", tasks=("wiki_ppl_local",), gated_tasks=("owt_ppl_local",))
+    with pytest.raises(SystemExit, match="gated_tasks"):
+        task_limits([config], smoke=False)

@@ -18,7 +18,7 @@ from quant_core.cli import FLATQUANT_EPOCHS, main  # noqa: E402
 from quant_core.errors import QuantCoreError  # noqa: E402
 from quant_core.kernels.flatquant import kronecker_transform  # noqa: E402
 from quant_core.primitives import get_decompose_dim  # noqa: E402
-from quant_core.quantize import build_plan, quantize_model  # noqa: E402
+from quant_core.quantize import build_plan, quantize_model, quantizer  # noqa: E402
 from quant_core.quantize import flatquant as fq  # noqa: E402
 from quant_core.quantize.calibrate import CalibrationConfig, FloatModel  # noqa: E402
 from quant_core.quantize.source import SourceCheckpoint  # noqa: E402
@@ -269,7 +269,7 @@ def test_options_and_errors(models, calib, tmp_path):
     model = models["llama"]
     with pytest.raises(QuantCoreError, match="--smooth"):
         quantize_model(model, tmp_path / "a", "W4A4_FLATQUANT_DYNAMIC", calib=calib, smooth=0.5, progress=False)
-    with pytest.raises(QuantCoreError, match="--flatquant-epochs applies to"):
+    with pytest.raises(QuantCoreError, match=r"FlatQuant options \(epochs\) apply to"):
         quantize_model(model, tmp_path / "b", "W8A8_DYNAMIC", flatquant_epochs=1, progress=False)
     with pytest.raises(QuantCoreError, match="non-negative integer"):
         fq.FlatQuantConfig(epochs=-1)
@@ -289,6 +289,45 @@ def test_cli_flatquant_epochs(models, calib, tmp_path, capsys):
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     assert "FlatQuant: 14 linears in 2 decoder layers, 0 epoch(s) on 4 x 16 tokens" in capsys.readouterr().out
+
+
+def test_flatquant_options_reach_the_calibration(models, calib, tmp_path, monkeypatch):
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def stop(_session, _source, _plan, config, **_):
+        seen.append(config)
+        raise Seen  # the configuration is all this test needs
+
+    monkeypatch.setattr(quantizer, "calibrate_flatquant", stop)
+    argv = ["quantize", "--model", str(models["llama"]), "--out", str(tmp_path / "o"), "--scheme",
+            "W4A4_FLATQUANT_DYNAMIC", "--calib", str(calib), "--flatquant-epochs", "3", "--flatquant-option",
+            "lr=1e-2", "--flatquant-option", "batch_tokens=512", "--flatquant-option", "token_cap=none",
+            "--flatquant-option", "init=random", "--flatquant-option", "clip_lr=1", "--no-progress"]  # fmt: skip
+    with pytest.raises(Seen):
+        main(argv)
+    assert seen == [fq.FlatQuantConfig(epochs=3, lr=1e-2, batch_tokens=512, token_cap=None, init="random", clip_lr=1.0)]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"learning_rate": 0.1}, "unknown FlatQuant option 'learning_rate'; known: epochs, lr"),
+        ({"lr": "fast"}, r"FlatQuant option lr='fast': expected float"),
+        ({"epochs": 1.5}, r"FlatQuant option epochs=1.5: expected int"),
+        ({"token_cap": "x"}, r"token_cap='x': expected float or None"),
+        ({"epochs": 2}, "FlatQuant epochs given twice: 1 and 2"),
+        ({"lr": -1.0}, "must be positive"),
+    ],
+)
+def test_bad_flatquant_options(models, calib, tmp_path, options, message):
+    with pytest.raises(QuantCoreError, match=message):
+        quantize_model(models["llama"], tmp_path / "o", "W4A4_FLATQUANT_DYNAMIC", calib=calib, flatquant_epochs=1,
+                       flatquant_options=options, progress=False)  # fmt: skip
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 24, 32, 48, 64, 88, 128])

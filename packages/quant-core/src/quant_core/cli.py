@@ -4,14 +4,15 @@
                         [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
                         [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA]
                         [--smooth-down ALPHA] [--gptq [--gptq-clip R] [--gptq-act-order]]
-                        [--kv-cache C8] [--flatquant-epochs N]
+                        [--kv-cache C8] [--flatquant-epochs N] [--flatquant-option KEY=VALUE ...]
                         [--max-shard-size SIZE] [--overwrite] [--no-progress]
 
 ``--smooth ALPHA`` (0 < ALPHA < 1, e.g. 0.5) folds SmoothQuant smoothing into the RMSNorm and q/k/v, gate/up
 weights before quantizing; ``--gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead
 of round-to-nearest; ``--kv-cache C8`` adds int8 per-channel KV-cache scales. All three need ``--calib``.
 ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on ``--calib`` (``--calib-samples`` windows of
-``--calib-seq-len`` tokens, ``--flatquant-epochs`` passes); without ``--calib`` they get identity transforms.
+``--calib-seq-len`` tokens, ``--flatquant-epochs`` passes; ``--flatquant-option lr=0.01`` sets any other
+``FlatQuantConfig`` field); without ``--calib`` they get identity transforms.
 
 Also runnable as ``python -m quant_core.cli quantize ...``. Exit status 0 on success, 2 on a usage or input error.
 """
@@ -35,6 +36,23 @@ def parse_size(text: str) -> int:
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB, 2GiB or a byte count")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``"lr=0.01"`` -> ``("lr", 0.01)``: ints, floats, true/false and none are parsed, anything else stays text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. lr=0.01")
+    raw = raw.strip()
+    words = {"true": True, "false": False, "none": None}
+    if raw.lower() in words:
+        return key.strip(), words[raw.lower()]
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(raw)
+        except ValueError:
+            pass
+    return key.strip(), raw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FlatQuant training passes over the calibration windows per decoder layer (default "
                    f"{FLATQUANT_EPOCHS}; 0: initial transforms, no training). More epochs, samples or tokens per "
                    "sample trade time for accuracy")  # fmt: skip
+    q.add_argument("--flatquant-option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                   help="a FlatQuantConfig field, e.g. lr=0.01, batch_tokens=512, init=random, token_cap=none "
+                   "(repeatable)")  # fmt: skip
     q.add_argument("--max-shard-size", type=parse_size, default=None, help="largest safetensors shard (5GB)")
     q.add_argument("--add-quantization-config", action="store_true",
                    help='add {"quant_method": "ascend"} to config.json (msModelSlim removes '
@@ -142,6 +163,7 @@ def quantize_command(args: argparse.Namespace) -> int:
             gptq_act_order=args.gptq_act_order,
             kv_cache=args.kv_cache,
             flatquant_epochs=args.flatquant_epochs,
+            flatquant_options=dict(args.flatquant_option),
             overwrite=args.overwrite,
         )
     for w in caught:

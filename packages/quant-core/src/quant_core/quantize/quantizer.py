@@ -10,10 +10,12 @@ files -> rename the directory into place. Nothing is written before the plan and
 """
 
 import time
+import typing
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,6 +123,7 @@ def quantize_model(
     gptq_act_order: bool = False,
     kv_cache: str | None = None,
     flatquant_epochs: int | None = None,
+    flatquant_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> QuantizeSummary:
     """Quantize the float checkpoint in ``model_dir`` into ``out_dir`` (msModelSlim v1 layout).
@@ -136,8 +139,10 @@ def quantize_model(
     ``gptq_act_order`` quantizes columns by decreasing Hessian diagonal); ``kv_cache="C8"`` writes int8 KV-cache
     scales (:mod:`~quant_core.quantize.kvcache`). ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on
     ``calib`` (``calib_samples`` windows of ``calib_seq_len`` tokens, ``flatquant_epochs`` passes; without ``calib``
-    they get identity transforms, i.e. plain round-to-nearest; :mod:`~quant_core.quantize.flatquant`).
-    ``out_dir`` must not exist unless ``overwrite``; it is replaced atomically.
+    they get identity transforms, i.e. plain round-to-nearest; :mod:`~quant_core.quantize.flatquant`);
+    ``flatquant_options`` sets any other :class:`~quant_core.quantize.flatquant.FlatQuantConfig` field (``lr``,
+    ``batch_tokens``, ``init``, ``token_cap``, ...). ``out_dir`` must not exist unless ``overwrite``; it is replaced
+    atomically.
     """
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -155,7 +160,9 @@ def quantize_model(
         raise QuantCoreError("gptq_clip / gptq_act_order are GPTQ options: add --gptq, or drop them.")
     if gptq_clip is not None and not 0 < gptq_clip <= 1:
         raise QuantCoreError(f"gptq_clip is the smallest range ratio searched, in (0, 1], e.g. 0.7; got {gptq_clip}.")
-    flatquant = _flatquant_config(plan, calib, flatquant_epochs, alpha if alpha_down is None else alpha_down)
+    flatquant = _flatquant_config(
+        plan, calib, flatquant_epochs, alpha if alpha_down is None else alpha_down, flatquant_options
+    )
 
     static = plan.static_layers
     needs = []
@@ -224,15 +231,24 @@ def _check_kv_cache(kv_cache: str | None) -> str | None:
 
 
 def _flatquant_config(
-    plan: QuantPlan, calib: str | Path | None, epochs: int | None, alpha: float | None
+    plan: QuantPlan,
+    calib: str | Path | None,
+    epochs: int | None,
+    alpha: float | None,
+    options: Mapping[str, Any] | None = None,
 ) -> FlatQuantConfig | None:
     """The FlatQuant training options when FlatQuant layers are calibrated, else None (identity transforms)."""
+    options = flatquant_fields(options or {})
+    if epochs is not None:
+        if options.get("epochs", epochs) != epochs:
+            raise QuantCoreError(f"FlatQuant epochs given twice: {epochs} and {options['epochs']}; keep one.")
+        options["epochs"] = epochs
     layers = [layer for layer in plan.quantized if layer.quant_type in FLATQUANT_SCHEMES]
     if not layers:
-        if epochs is not None:
+        if options:
             raise QuantCoreError(
-                f"--flatquant-epochs applies to {', '.join(sorted(FLATQUANT_SCHEMES))} layers, and no layer uses "
-                "those schemes. Drop it, or pick one of them with --scheme / --layer-scheme."
+                f"FlatQuant options ({', '.join(options)}) apply to {', '.join(sorted(FLATQUANT_SCHEMES))} layers, "
+                "and no layer uses those schemes. Drop them, or pick one of them with --scheme / --layer-scheme."
             )
         return None
     if calib is None:
@@ -247,7 +263,24 @@ def _flatquant_config(
             "--smooth and FlatQuant layers: FlatQuant learns its own per-channel scales (folded into the same norms). "
             "Drop --smooth."
         )
-    return FlatQuantConfig() if epochs is None else FlatQuantConfig(epochs=epochs)
+    return FlatQuantConfig(**options)
+
+
+def flatquant_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against :class:`FlatQuantConfig`'s fields and types (ints accepted for floats)."""
+    hints = typing.get_type_hints(FlatQuantConfig)
+    checked = {}
+    for name, value in options.items():
+        if name not in hints:
+            raise QuantCoreError(f"unknown FlatQuant option {name!r}; known: {', '.join(hints)}.")
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not any(value is None if t is type(None) else type(value) is t for t in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise QuantCoreError(f"FlatQuant option {name}={value!r}: expected {names}.")
+        checked[name] = value
+    return checked
 
 
 def _gptq_layers(plan: QuantPlan) -> list[LinearLayer]:
