@@ -60,9 +60,12 @@ def npu_dynamic_quant(x: torch.Tensor, dst_type: torch.dtype = torch.int8, **kwa
 def npu_quantize(x, scales, zero_points, dtype, axis=-1, div_mode=False):
     _record("npu_quantize")
     s = scales.double() if torch.is_tensor(scales) else torch.tensor(float(scales), dtype=torch.float64)
+    along = [1] * x.dim()
+    along[axis] = -1  # 1-D scales / zero points index dim `axis` of x
+    s = s.reshape(along) if s.dim() == 1 else s
     v = x.double() / s if div_mode else x.double() * s
     if zero_points is not None:
-        v = v + zero_points.double()
+        v = v + zero_points.double().reshape(along)
     if dtype == torch.quint4x2:
         return _pack_int32_int4(torch.round(v).clamp(-8, 7))
     return torch.round(v).clamp(-128, 127).to(torch.int8)

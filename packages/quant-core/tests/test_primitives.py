@@ -80,6 +80,12 @@ def test_get_decompose_dim_matches_the_format_table(k, expected):
     assert get_decompose_dim(k) == expected
 
 
+@pytest.mark.parametrize("k", [2, 66, 4094, 0])
+def test_get_decompose_dim_refuses_sizes_without_a_split(k):
+    with pytest.raises(ValueError, match="difference of two squares"):  # the reference algorithm would loop forever
+        get_decompose_dim(k)
+
+
 def test_quantize_per_token_is_symmetric_and_handles_zero_rows():
     x = torch.tensor([[1.0, -2.0, 0.6], [0.0, 0.0, 0.0], [3.0, 3.0, -3.0]])
     q, s = quantize_per_token(x, 8)

@@ -1,5 +1,5 @@
 """Checkpoint features beyond plain quantized linears, in a real engine: C8 KV-cache scales, the extra biases of
-msModelSlim's anti-outlier pass, a quantized lm_head (and the clear refusal of a quantized embedding)."""
+msModelSlim's anti-outlier pass, a quantized lm_head (a quantized embedding: test_embedding.py)."""
 
 import logging
 
@@ -13,10 +13,7 @@ from conftest import (
     max_logprob_diff,
     quantize_layer,
     runtime_logprobs,
-    start_engine,
 )
-
-from quant_core import UnsupportedSchemeError
 
 # As in test_schemes.py: same kernels on both sides, 2e-2 nats covers batching / attention differences.
 LOGPROB_TOL = 2e-2
@@ -82,15 +79,6 @@ def test_quantized_lm_head(checkpoints):
     assert diff < LOGPROB_TOL, f"engine vs runtime logprobs differ by {diff:.3g}"
     assert_greedy(gen, reference, LOGPROB_TOL)
     assert max_logprob_diff(gen, runtime_logprobs(base, gen)) > 1e-3  # the quantized head is what ran
-
-
-def test_quantized_embedding_is_refused_naming_the_layer(checkpoints):
-    base = checkpoints.quantized("qwen3", "W8A16")
-    model_dir = checkpoints.edited(
-        base, "qwen3-embed-W8A16", lambda t, d: quantize_layer(t, d, "model.embed_tokens", "W8A16")
-    )
-    with pytest.raises(UnsupportedSchemeError, match=r"(?s)model\.embed_tokens.*W8A16.*Keep the embedding FLOAT"):
-        start_engine(model_dir)
 
 
 def _per_linear_clip_ratios(tensors: dict, desc: dict) -> None:

@@ -15,6 +15,7 @@ from quant_core.description import (
     is_modelslim_checkpoint,
     layer_id,
 )
+from quant_core.embedding import EMBEDDING_SCHEMES, EmbeddingTable, embedding_lookup, prepare_embedding
 from quant_core.errors import (
     CheckpointFileError,
     CheckpointTensorError,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_REGISTRY",
     "DESCRIPTION_FILE",
+    "EMBEDDING_SCHEMES",
     "FLOAT",
     "LAYER_KINDS",
     "MODELSLIM_QUANT_TYPES",
@@ -53,6 +55,7 @@ __all__ = [
     "CheckpointTensorError",
     "DescriptionError",
     "DescriptionNotFoundError",
+    "EmbeddingTable",
     "LayerLookupError",
     "LinearScheme",
     "MixedShardsError",
@@ -67,10 +70,12 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedSchemeError",
     "check_tensors",
+    "embedding_lookup",
     "find_description",
     "get_scheme",
     "is_modelslim_checkpoint",
     "layer_id",
+    "prepare_embedding",
     "quant_type_for",
     "register_scheme",
     "scheme_class",

@@ -62,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="quantize a float Hugging Face checkpoint into msModelSlim's v1 layout",
         description="Round-to-nearest (or, with --gptq, GPTQ) quantization of every linear layer (lm_head, embeddings, "
-        "norms and MoE routers stay float), optionally after SmoothQuant smoothing (--smooth), with optional int8 "
-        "KV-cache scales (--kv-cache C8). Patterns are globs over whole layer names, e.g. 'model.layers.0.*' or "
-        "'*.down_proj', or 're:<regex>' searched anywhere in the name. Later --layer-scheme rules win; --skip wins "
-        "over all.",
+        "norms and MoE routers stay float; a rule naming '*.embed_tokens' quantizes the embedding), optionally after "
+        "SmoothQuant smoothing (--smooth), with optional int8 KV-cache scales (--kv-cache C8). Patterns are globs "
+        "over whole layer names, e.g. 'model.layers.0.*' or '*.down_proj', or 're:<regex>' searched anywhere in the "
+        "name. Later --layer-scheme rules win; --skip wins over all.",
     )
     q.add_argument("--model", required=True, help="float HF checkpoint directory (config.json + *.safetensors)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")

@@ -5,6 +5,7 @@ Conventions (``modelslim-format.md`` §4): weights are ``[N, K]`` (row = output 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -18,15 +19,27 @@ def int_range(bits: int) -> tuple[int, int]:
 
 
 # --- activations ---------------------------------------------------------------------------------------------
-def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_amax(x32: torch.Tensor, amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``amax|x|`` over the last dim (``[..., 1]``); through ``amax_reduce`` when ``x`` is part of each row (the
+    max over the row's parts, see ``kernels.base.Runtime``)."""
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    return amax if amax_reduce is None else amax_reduce(amax)
+
+
+def quantize_per_token(
+    x: torch.Tensor,
+    bits: int = 8,
+    clip_ratio: float = 1.0,
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic quantization over the last dim: ``s = clip_ratio * amax|x| / qmax``, ``q = round(x / s)``.
 
     Returns ``q`` (int8, values in the ``bits`` range) and ``s`` (float32, shape ``[..., 1]``). An all-zero row
-    gets ``s = 0`` and ``q = 0``, so its output is exactly zero.
+    gets ``s = 0`` and ``q = 0``, so its output is exactly zero. ``amax_reduce``: see :func:`token_amax`.
     """
     lo, hi = int_range(bits)
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True) * clip_ratio / hi
+    scale = token_amax(x32, amax_reduce) * clip_ratio / hi
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(x32 / safe), lo, hi).to(torch.int8)
     return q, scale
@@ -142,7 +155,13 @@ def as_float32(scale: torch.Tensor) -> torch.Tensor:
 # --- FlatQuant -----------------------------------------------------------------------------------------------
 def get_decompose_dim(k: int) -> tuple[int, int]:
     """``(L, R)`` with ``L * R = k``, ``L <= R``, as square as possible: the smallest ``a >= ceil(sqrt(k))`` with
-    ``a² - k`` a perfect square ``b²`` gives ``(a - b, a + b)``."""
+    ``a² - k`` a perfect square ``b²`` gives ``(a - b, a + b)``. No such pair exists for ``k ≡ 2 (mod 4)``
+    (``a² - b²`` is odd or a multiple of 4): a ``ValueError`` instead of the reference loop's endless search."""
+    if k < 1 or k % 4 == 2:
+        raise ValueError(
+            f"in_features {k} is not a difference of two squares (k ≡ 2 mod 4 or k < 1), so FlatQuant's default "
+            "L × R split does not exist; give the left factor's size explicitly (left_dim / a left_trans [a, a])."
+        )
     a = math.isqrt(k)
     if a * a < k:
         a += 1

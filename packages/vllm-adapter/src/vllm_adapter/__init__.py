@@ -1,6 +1,7 @@
 """vLLM glue for ModelSlim checkpoints: the quantization config and thin layer methods over ``quant_core``."""
 
 from vllm_adapter.config import AscendModelSlimConfig, ModelSlimAliasConfig
+from vllm_adapter.embedding import ModelSlimTiedHeadMethod, ModelSlimVocabEmbeddingMethod
 from vllm_adapter.kv_cache import ModelSlimC8KVCacheMethod
 from vllm_adapter.linear import ModelSlimEmbeddingMethod, ModelSlimLinearMethod
 from vllm_adapter.moe import ModelSlimMoEMethod
@@ -12,4 +13,6 @@ __all__ = [
     "ModelSlimEmbeddingMethod",
     "ModelSlimLinearMethod",
     "ModelSlimMoEMethod",
+    "ModelSlimTiedHeadMethod",
+    "ModelSlimVocabEmbeddingMethod",
 ]

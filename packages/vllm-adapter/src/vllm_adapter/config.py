@@ -3,7 +3,9 @@
 vLLM builds it from ``quantization="ascend"`` (or a ``quantization_config`` with ``quant_method: ascend``) and calls
 ``maybe_update_config(model_dir)``, where it reads ``quant_model_description.json`` and the safetensors headers.
 ``get_quant_method(layer, prefix)`` then resolves each layer with ``quant_core``'s lookup (upstream vllm-ascend's
-rules) and returns our linear / MoE / lm_head / KV-cache methods, or vLLM's unquantized ones for ``FLOAT`` layers.
+rules) and returns our linear / MoE / embedding / lm_head / KV-cache methods, or vLLM's unquantized ones for ``FLOAT``
+layers. A quantized ``embed_tokens`` (not written by msModelSlim, but by ``quant-core quantize`` on request) gets the
+quantized lookup, and a head tied to it runs the same tensors (``embedding.py``).
 Tensors msModelSlim's anti-outlier pass adds to layers that have none (``.bias`` on projections and norms) are
 loaded and applied (``bias.py``).
 
@@ -28,10 +30,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 
 import model_mappings
 from quant_core import FLOAT, QuantDescription, UnsupportedSchemeError, get_scheme
+from quant_core.embedding import check_embedding_scheme
 from quant_core.registry import accepted_options
 from quant_core.schemes.base import BACKENDS
 from vllm_adapter.bias import enable_norm_biases, give_linear_a_bias
 from vllm_adapter.checkpoint import TensorInfo, tensor_infos
+from vllm_adapter.embedding import ModelSlimTiedHeadMethod, ModelSlimVocabEmbeddingMethod
 from vllm_adapter.kv_cache import ModelSlimC8KVCacheMethod
 from vllm_adapter.linear import ModelSlimEmbeddingMethod, ModelSlimLinearMethod
 from vllm_adapter.moe import ModelSlimMoEMethod
@@ -177,23 +181,28 @@ class AscendModelSlimConfig(QuantizationConfig):
             return self._attention_method(key)
         return None
 
+    def quantized_embedding(self) -> str:
+        """The prefix of the description's quantized token embedding (``model.embed_tokens``), or ``""``."""
+        owners = dict.fromkeys(k.rpartition(".")[0] for k, v in self.description.entries.items() if v != FLOAT)
+        return next((o for o in owners if o.rpartition(".")[2].startswith("embed")), "")
+
     def _embedding_method(self, layer: VocabParallelEmbedding, key: str):
         is_head = isinstance(layer, ParallelLMHead)
         if is_head and self.tie_word_embeddings and f"{key}.weight" not in self.description.entries:
-            return None  # tied to the embedding (which is FLOAT: see below)
-        if not key:  # vLLM builds some embeddings without a prefix (Llama's embed_tokens); any quantized one fails
-            quantized = [k for k, v in self.description.entries.items() if "embed" in k and v != FLOAT]
-            key = quantized[0].rpartition(".")[0] if quantized else ""
+            embed = self.quantized_embedding()
+            return ModelSlimTiedHeadMethod(embed) if embed else None  # else tied to a float embedding
+        if not key and not is_head:  # vLLM builds some embeddings without a prefix (Llama's embed_tokens)
+            key = self.quantized_embedding()
         quant_type = self.description.quant_type_for(key, "linear") if key else None
         if quant_type is None:
             return None  # vLLM's unquantized embedding method
-        if not is_head:
-            raise UnsupportedSchemeError(
-                f"embedding layer {key!r} is {quant_type} in {self.description.source}: quant-core has no quantized "
-                "embedding lookup yet (a quantized lm_head is supported). Keep the embedding FLOAT when quantizing "
-                "(msModelSlim and `quant-core quantize` do by default), or serve the float checkpoint."
-            )
-        return ModelSlimEmbeddingMethod(self, quant_type, key, [key])
+        if is_head:
+            return ModelSlimEmbeddingMethod(self, quant_type, key, [key])
+        try:
+            check_embedding_scheme(quant_type, key)
+        except UnsupportedSchemeError as e:
+            raise UnsupportedSchemeError(f"{e} (in {self.description.source})") from None
+        return ModelSlimVocabEmbeddingMethod(self, quant_type, key, [key])
 
     def _attention_method(self, key: str):
         quant_type = self.description.quant_type_for(key, "attention")

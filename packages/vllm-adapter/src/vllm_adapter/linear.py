@@ -3,16 +3,28 @@ a quantized ``lm_head`` (``ModelSlimEmbeddingMethod``).
 
 Tensor parallelism: a column-parallel layer's tensors split along the output dim (vLLM's loaders do it), a
 row-parallel layer's along the input dim, each by its own extent (``TensorSpec.shard_shape``: e.g. W4A8's
-row-parallel ``scale_bias [N, 16]`` keeps 16/tp partial sums per rank, per-group scales K/g/tp groups). Static
-W8A8's ``quant_bias`` holds whole-row sums (activation zero point, folded bias): on a row-parallel layer only rank
-0 adds it, as the scheme's contract asks. FlatQuant transforms mix the whole input row, which a row-parallel rank
-does not hold: refused under tensor parallelism.
+row-parallel ``scale_bias [N, 16]`` keeps 16/tp partial sums per rank, per-group scales K/g/tp groups). vLLM sums
+the row-parallel ranks' outputs (all-reduce) and adds the bias on rank 0. Every scheme then computes exactly what
+one rank would, up to float summation order:
+
+* Static W8A8's ``quant_bias`` holds whole-row sums (activation zero point, folded bias): only rank 0 adds it, as
+  the scheme's contract asks. Weight-only schemes' partial sums add up as they are.
+* Per-token dynamic activations (W8A8_DYNAMIC, W8A8_MIX's dynamic mode, W4A8_DYNAMIC, W4A4_DYNAMIC,
+  WFP8AFP8_DYNAMIC): a rank holds ``x[:, K_r]``, so the kernel's per-token amax goes through an all-reduce MAX over
+  the tensor-parallel group (quant-core's ``Runtime.amax_reduce``; M floats per call) and every rank quantizes on
+  the whole row's scale.
+* FlatQuant (``W*_FLATQUANT_DYNAMIC``): the transform mixes the whole input row, so such a layer keeps whole rows
+  and splits N instead. Each rank loads the full-K weights of its N/tp output columns (as many weight elements as
+  K-sharding: no extra memory), all-gathers the input row (each rank receives M·K·(tp-1)/tp activations), computes
+  the transform (M·K·(a+b) multiply-adds, repeated on every rank) and its columns, and returns ``[M, N]`` with zeros
+  elsewhere, which vLLM's usual all-reduce (M·N) sums into the output.
 """
 
 import dataclasses
 
 import torch
 import torch.nn.functional as F
+from vllm.distributed import get_tp_group, tensor_model_parallel_all_gather
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearMethodBase,
@@ -53,8 +65,10 @@ class ModelSlimLinearMethod(LinearMethodBase):
         specs = scheme.weight_specs(input_size if row else input_size_per_partition, sum(output_partition_sizes),
                                     params_dtype)  # fmt: skip
         self._check_stored_tensors(scheme, layer, input_size, output_partition_sizes, params_dtype)
+        whole_rows = tp_size > 1 and "left_trans" in specs  # FlatQuant: gather the row, split N instead of K
         if tp_size > 1:
-            specs = {name: self._row_shard(spec, tp_size) for name, spec in specs.items()}
+            shard = self._output_shard if whole_rows else self._row_shard
+            specs = {name: shard(spec, tp_size) for name, spec in specs.items()}
         entries, dtypes = self.config.description.entries, self.config.tensors
         weight_loader = extra_weight_attrs["weight_loader"]
         names = []
@@ -64,7 +78,8 @@ class ModelSlimLinearMethod(LinearMethodBase):
                 continue  # e.g. v1 static W8A8 has no weight_scale: do not register what will not be loaded
             stored = dtypes[keys[0]].dtype if keys[0] in dtypes else None
             dtype = checkpoint_dtype(spec, stored, keys[0])
-            layer.register_parameter(name, make_parameter(spec, dtype, weight_loader, len(output_partition_sizes)))
+            param = make_parameter(spec, dtype, weight_loader, len(output_partition_sizes), whole_rows=whole_rows)
+            layer.register_parameter(name, param)
             names.append(name)
         layer.modelslim_scheme = scheme
         layer.modelslim_params = names
@@ -74,6 +89,8 @@ class ModelSlimLinearMethod(LinearMethodBase):
             n for n in names if specs[n].per_shard_scalar or is_whole_per_shard(specs[n], num_shards)
         ]
         layer.modelslim_zero_on_other_ranks = row and getattr(layer, "tp_rank", 0) > 0
+        layer.modelslim_whole_rows = whole_rows
+        layer.modelslim_split_rows = tp_size > 1 and not whole_rows  # per-token amax: max over the ranks
 
     def _check_stored_tensors(self, scheme, layer, k: int, partition_sizes: list[int], params_dtype) -> None:
         """quant-core's ``TensorSpec.check`` on each shard's stored shapes and dtypes (from the safetensors headers)."""
@@ -99,18 +116,24 @@ class ModelSlimLinearMethod(LinearMethodBase):
             replicas[1:] = [layer.num_kv_head_replicas] * (len(partition_sizes) - 1)
         return [size * layer.tp_size // r for size, r in zip(partition_sizes, replicas, strict=True)]
 
-    def _row_shard(self, spec: TensorSpec, tp_size: int) -> TensorSpec:
+    @staticmethod
+    def _row_shard(spec: TensorSpec, tp_size: int) -> TensorSpec:
         if spec.input_dim is None:
-            if spec.name in ("left_trans", "right_trans"):
-                raise UnsupportedSchemeError(
-                    f"row-parallel layer {self.prefix!r} is {self.quant_type}: its FlatQuant transform mixes the "
-                    f"whole input row, which tensor parallelism ({tp_size} ranks) splits. Serve with "
-                    "--tensor-parallel-size 1, or quantize o_proj/down_proj with a non-FlatQuant scheme."
-                )
             return spec  # replicated
         if spec.shape[spec.input_dim] == 1:  # one group spanning K (e.g. W4A16 with group_size 0): replicated
             return dataclasses.replace(spec, input_dim=None)
         return dataclasses.replace(spec, shape=spec.shard_shape("row", tp_size))
+
+    def _output_shard(self, spec: TensorSpec, tp_size: int) -> TensorSpec:
+        """A whole-rows row-parallel layer's tensor: this rank's N/tp output columns, all of K."""
+        try:
+            return dataclasses.replace(spec, shape=spec.shard_shape("column", tp_size))
+        except CheckpointTensorError as e:
+            raise UnsupportedSchemeError(
+                f"row-parallel layer {self.prefix!r} is {self.quant_type}: its FlatQuant transform mixes the whole "
+                f"input row, so each of the {tp_size} ranks computes a share of the output features instead, but "
+                f"they do not split evenly ({e}). Serve with a tensor-parallel size that divides them."
+            ) from None
 
     def checkpoint_tensors(self, layer) -> dict[str, torch.Tensor]:
         """The loaded tensors, handed over to the scheme (vLLM's parameters are dropped from the layer)."""
@@ -133,9 +156,30 @@ class ModelSlimLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         tensors = self.checkpoint_tensors(layer)
         layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
+        if getattr(layer, "modelslim_split_rows", False):
+            layer.modelslim_runtime.amax_reduce = max_over_tp_ranks
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(layer, "modelslim_whole_rows", False):
+            return self._apply_whole_rows(layer, x, bias)
         return layer.modelslim_scheme.apply(layer.modelslim_runtime, x, bias)
+
+    @staticmethod
+    def _apply_whole_rows(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's output columns from the all-gathered input rows, zeros elsewhere (vLLM's all-reduce sums the
+        ranks' outputs), plus the bias vLLM passes on rank 0."""
+        rows = tensor_model_parallel_all_gather(x.contiguous(), dim=-1)
+        y = layer.modelslim_scheme.apply(layer.modelslim_runtime, rows)
+        start = layer.tp_rank * y.shape[-1]
+        y = F.pad(y, (start, layer.output_size - start - y.shape[-1]))
+        return y if bias is None else y + bias
+
+
+def max_over_tp_ranks(amax: torch.Tensor) -> torch.Tensor:
+    """quant-core's ``Runtime.amax_reduce`` for a row-parallel layer: the per-token amax over the tensor-parallel
+    group's parts of each row (an all-reduce MAX of M floats, in place)."""
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().device_group)
+    return amax
 
 
 @register_weight_loader_v2_supported_method

@@ -48,8 +48,29 @@ def is_whole_per_shard(spec: TensorSpec, num_shards: int) -> bool:
     return num_shards > 1 and not spec.per_shard_scalar and spec.output_dim is None and spec.input_dim is None
 
 
-def make_parameter(spec: TensorSpec, dtype: torch.dtype, weight_loader, num_shards: int = 1) -> BasevLLMParameter:
-    """A vLLM parameter for a linear layer's checkpoint tensor."""
+class OutputShardParameter(BasevLLMParameter):
+    """A row-parallel layer's tensor sharded along its output dim instead of the input dim (a FlatQuant layer keeps
+    whole input rows, see ``linear.py``): this rank's ``shape[output_dim]`` slice, packed rows counted as stored."""
+
+    def __init__(self, output_dim: int, **kwargs) -> None:
+        self.output_dim = output_dim
+        super().__init__(**kwargs)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        size = self.data.shape[self.output_dim]
+        self._assert_and_load(loaded_weight.narrow(self.output_dim, self.tp_rank * size, size))
+
+
+def make_parameter(
+    spec: TensorSpec, dtype: torch.dtype, weight_loader, num_shards: int = 1, *, whole_rows: bool = False
+) -> BasevLLMParameter:
+    """A vLLM parameter for a linear layer's checkpoint tensor. ``whole_rows``: the row-parallel layer splits N, not
+    K (its tensors along N are :class:`OutputShardParameter`, the others whole on every rank)."""
+    if whole_rows:
+        data = torch.empty(spec.shape, dtype=dtype)
+        if spec.output_dim is None:
+            return BasevLLMParameter(data=data, weight_loader=weight_loader)
+        return OutputShardParameter(data=data, output_dim=spec.output_dim, weight_loader=weight_loader)
     if spec.per_shard_scalar:  # one slot per fused shard (q, k, v each bring their own scalar)
         return PerTensorScaleParameter(data=torch.empty(num_shards, dtype=dtype), weight_loader=weight_loader)
     if is_whole_per_shard(spec, num_shards):

@@ -7,7 +7,7 @@ can, raises with every kernel's reason. ``backend="auto"`` tries the kernels tha
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +16,7 @@ import torch
 from quant_core.errors import QuantCoreError
 
 AUTO_ORDER = {"npu": ("npu", "reference"), "cpu": ("cpu", "reference")}
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class KernelUnavailableError(QuantCoreError, RuntimeError):
@@ -57,11 +58,27 @@ class LinearKernel(ABC):
 
 
 class Runtime(dict):
-    """A layer's processed tensors, plus the kernel bound to them (``runtime.kernel``)."""
+    """A layer's processed tensors, plus the kernel bound to them (``runtime.kernel``).
 
-    def __init__(self, tensors: Mapping[str, Any], kernel: LinearKernel) -> None:
+    ``amax_reduce`` (None by default; an adapter sets the attribute after ``process_weights``) is for a layer that
+    holds only part of each input row, ``x[:, K_r]`` (a row-parallel layer under tensor parallelism): it maps this
+    part's per-token ``amax|x_r|`` (float32 ``[M, 1]``) to the whole row's, i.e. the max over the parts (an
+    all-reduce MAX), and returns a tensor the caller may modify. Every kernel that quantizes activations with a
+    per-token scale passes its local amax through it before computing the scale (once per ``run``; once per token
+    chunk where an NPU op limits the tokens per call, the same on every part), so each part is quantized on the
+    whole row's grid and the parts' outputs sum to the unsplit layer's. Kernels without per-token scales (static,
+    weight-only, per-32-block MX) never call it.
+    """
+
+    def __init__(self, tensors: Mapping[str, Any], kernel: LinearKernel, amax_reduce: AmaxReduce | None = None) -> None:
         super().__init__(tensors)
         self.kernel = kernel
+        self.amax_reduce = amax_reduce
+
+
+def amax_reducer(runtime: Mapping[str, Any]) -> AmaxReduce | None:
+    """``runtime.amax_reduce`` (None for a plain mapping)."""
+    return getattr(runtime, "amax_reduce", None)
 
 
 def choose_kernel(

@@ -6,7 +6,9 @@ identity) and ``clip_ratio`` (a Python float).
 Transform: each token ``x`` viewed row-major as ``X [a, b]`` becomes ``X̃ = left_transᵀ · X · right_trans``, i.e.
 ``x̃ = x · (left_trans ⊗ right_trans)`` (``vec(AXB) = vec(X)(Aᵀ ⊗ B)`` for row-major vec).
 Int4 inner (W4A4_FLATQUANT_DYNAMIC): ``s_tok = clip_ratio · amax|x̃| / 7``; int8 inner (W8A8 / W4A8
-``_FLATQUANT_DYNAMIC``): plain per-token int8, ``clip_ratio`` unused.
+``_FLATQUANT_DYNAMIC``): plain per-token int8, ``clip_ratio`` unused. The per-token amax of ``x̃`` goes through
+``runtime.amax_reduce`` when set, as in the inner kernels (see ``kernels.base.Runtime``; the transform mixes the
+whole row, so an adapter normally gives these layers whole rows instead).
 """
 
 from collections.abc import Mapping
@@ -14,9 +16,14 @@ from typing import Any
 
 import torch
 
-from quant_core.kernels.base import LinearKernelConfig
+from quant_core.kernels.base import LinearKernelConfig, amax_reducer
 from quant_core.kernels.int4_dynamic import FbgemmInt4Dynamic, NpuInt4Dynamic, ReferenceInt4Dynamic, npu_int4_packs
-from quant_core.kernels.int8_dynamic import FbgemmInt8Dynamic, NpuInt8Dynamic, ReferenceInt8Dynamic
+from quant_core.kernels.int8_dynamic import (
+    FbgemmInt8Dynamic,
+    NpuInt8Dynamic,
+    ReferenceInt8Dynamic,
+    npu_quantize_per_token,
+)
 
 TRANSFORM_KEYS = ("left_trans", "right_trans", "clip_ratio")
 NPU_KRONECKER_MAX_TOKENS = 32768  # npu_kronecker_quant's per-call limit (upstream chunks)
@@ -55,7 +62,8 @@ class FbgemmFlatQuantInt4(KroneckerInput, FbgemmInt4Dynamic):
 class NpuKroneckerInt4(NpuInt4Dynamic):
     """Upstream's calls: ``npu_kronecker_quant`` (transform + clipped int4 quantization, ≤ 32768 tokens per call) on
     ``x.view(T, a, b)`` with the checkpoint's ``left_trans`` passed transposed (the op computes ``A · X · B``), then
-    ``npu_quant_matmul`` with the weight packed 8 int4 per int32 along K."""
+    ``npu_quant_matmul`` with the weight packed 8 int4 per int32 along K. The op computes its own scale: with
+    ``runtime.amax_reduce``, the transform runs as two small matmuls and ``npu_quantize`` takes the reduced scale."""
 
     name = "npu-kronecker-int4"
 
@@ -76,19 +84,27 @@ class NpuKroneckerInt4(NpuInt4Dynamic):
         import torch_npu
 
         k = x.shape[-1]
-        left, right = runtime["left_trans"].to(x.dtype), runtime["right_trans"].to(x.dtype)
         out = []
         for chunk in x.split(NPU_KRONECKER_MAX_TOKENS):
-            x_q, s_tok = torch_npu.npu_kronecker_quant(
-                chunk.reshape(-1, left.shape[0], right.shape[0]), left, right, clip_ratio=runtime["clip_ratio"],
-                dst_dtype=torch.int32,
-            )  # fmt: skip
+            x_q, s_tok = self.quantize(runtime, chunk)
             out.append(torch_npu.npu_quant_matmul(
                 x_q.reshape(-1, k // 8), runtime["weight_packed"].t(), runtime["weight_scale"],
                 pertoken_scale=s_tok.reshape(-1), output_dtype=x.dtype,
             ))  # fmt: skip
         y = torch.cat(out)
         return y if bias is None else y + bias.to(x.dtype)
+
+    @staticmethod
+    def quantize(runtime: Mapping[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformed, clipped int4 codes (int32 words) and per-token scales of ``x [T, K]``."""
+        import torch_npu
+
+        left, right, clip = runtime["left_trans"].to(x.dtype), runtime["right_trans"].to(x.dtype), runtime["clip_ratio"]
+        if amax_reducer(runtime) is not None:
+            xt = kronecker_transform(x, left.T, right).to(x.dtype)
+            return npu_quantize_per_token(xt, torch.quint4x2, 7, amax_reducer(runtime), clip)
+        xs = x.reshape(-1, left.shape[0], right.shape[0])
+        return torch_npu.npu_kronecker_quant(xs, left, right, clip_ratio=clip, dst_dtype=torch.int32)
 
 
 # --- int8 activations (W8A8 / W4A8 _FLATQUANT_DYNAMIC) ---------------------------------------------------------

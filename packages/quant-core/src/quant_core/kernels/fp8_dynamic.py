@@ -2,7 +2,8 @@
 
 Canonical runtime tensors: ``weight`` ``float8_e4m3fn [N, K]``, ``weight_scale`` float32 ``[N]``.
 Math (``modelslim-format.md`` §5.3): ``s_tok = amax|x| / 448``, ``x_q = fp8(x / s_tok)`` (nearest even, saturating),
-``y = s_tok · s_w · (x_q @ W_qᵀ) + bias``.
+``y = s_tok · s_w · (x_q @ W_qᵀ) + bias``; the per-token amax goes through ``runtime.amax_reduce`` when set (see
+``kernels.base.Runtime``).
 
 As for MX (``kernels/mx.py``): torch 2.13 has no fast FP8 GEMM on x86 (``torch._scaled_mm`` with row-wise scales is
 2-70x slower than float32 ``F.linear`` at K=N=2048, M=1..128, measured), so the CPU kernel folds the weight scale
@@ -15,9 +16,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from quant_core.float_formats import quantize_fp8_per_token
-from quant_core.kernels.base import LinearKernel, LinearKernelConfig
-from quant_core.kernels.int8_dynamic import torch_npu_available
+from quant_core.float_formats import FP8_MAX, quantize_fp8_per_token, round_fp8
+from quant_core.kernels.base import AmaxReduce, LinearKernel, LinearKernelConfig, amax_reducer
+from quant_core.kernels.int8_dynamic import npu_quantize_per_token, torch_npu_available
+from quant_core.primitives import token_amax
+
+
+def fp8_per_token(x: torch.Tensor, amax_reduce: AmaxReduce | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``float_formats.quantize_fp8_per_token`` with the per-token amax through ``amax_reduce``."""
+    if amax_reduce is None:
+        return quantize_fp8_per_token(x)
+    x32 = x.float()
+    scale = token_amax(x32, amax_reduce) / FP8_MAX
+    return round_fp8(x32 / torch.where(scale > 0, scale, torch.ones_like(scale))), scale
 
 
 class ReferenceFp8Dynamic(LinearKernel):
@@ -27,7 +38,7 @@ class ReferenceFp8Dynamic(LinearKernel):
     backend = "reference"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_fp8_per_token(x)
+        x_q, s_tok = fp8_per_token(x, amax_reducer(runtime))
         y = (x_q @ runtime["weight"].float().T) * s_tok * runtime["weight_scale"]
         return y if bias is None else y + bias.float()
 
@@ -48,14 +59,14 @@ class CpuFp8Dynamic(LinearKernel):
         return {"weight": tensors["weight"].float() * tensors["weight_scale"][:, None]}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_fp8_per_token(x)
+        x_q, s_tok = fp8_per_token(x, amax_reducer(runtime))
         return F.linear(x_q * s_tok, runtime["weight"], None if bias is None else bias.float())
 
 
 class NpuFp8Dynamic(LinearKernel):
     """Upstream vllm-ascend's W8A8FP8_DYNAMIC calls: ``npu_dynamic_quant(dst_type=float8_e4m3fn)``, then
     ``npu_quant_matmul`` with the weight ``[K, N]`` (not NZ), per-channel and per-token float32 scales; the bias is
-    added after the matmul."""
+    added after the matmul. With ``runtime.amax_reduce``: ``int8_dynamic.npu_quantize_per_token``."""
 
     name = "npu-fp8-dynamic"
     backend = "npu"
@@ -70,7 +81,7 @@ class NpuFp8Dynamic(LinearKernel):
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         import torch_npu
 
-        x_q, s_tok = torch_npu.npu_dynamic_quant(x, dst_type=torch.float8_e4m3fn)
+        x_q, s_tok = npu_quantize_per_token(x, torch.float8_e4m3fn, FP8_MAX, amax_reducer(runtime))
         y = torch_npu.npu_quant_matmul(
             x_q, runtime["weight"], runtime["weight_scale"], pertoken_scale=s_tok, output_dtype=x.dtype
         )

@@ -4,7 +4,8 @@ transform, see :mod:`quant_core.kernels.flatquant`).
 Canonical runtime tensors: ``weight`` int8 ``[N, K]`` holding int4 values in [-8, 7], ``weight_scale`` float32
 ``[N]``, optionally ``clip_ratio`` (a Python float, 1 when absent).
 Math: ``s_tok = clip_ratio · amax|x| / 7``, ``q = clamp(round(x / s_tok), -8, 7)``,
-``y = s_tok · s_w · (q @ W_qᵀ) + bias``.
+``y = s_tok · s_w · (q @ W_qᵀ) + bias``; the per-token amax goes through ``runtime.amax_reduce`` when set (see
+``kernels.base.Runtime``).
 """
 
 from collections.abc import Mapping
@@ -12,8 +13,8 @@ from typing import Any
 
 import torch
 
-from quant_core.kernels.base import LinearKernel, LinearKernelConfig
-from quant_core.kernels.int8_dynamic import FbgemmInt8Dynamic, torch_npu_available
+from quant_core.kernels.base import LinearKernel, LinearKernelConfig, amax_reducer
+from quant_core.kernels.int8_dynamic import FbgemmInt8Dynamic, npu_quantize_per_token, torch_npu_available
 from quant_core.primitives import int_matmul, quantize_per_token
 
 
@@ -31,7 +32,7 @@ class ReferenceInt4Dynamic(LinearKernel):
     backend = "reference"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_per_token(x, 4, runtime.get("clip_ratio", 1.0))
+        x_q, s_tok = quantize_per_token(x, 4, runtime.get("clip_ratio", 1.0), amax_reducer(runtime))
         y = int_matmul(x_q, runtime["weight"]).float() * s_tok * runtime["weight_scale"]
         return y if bias is None else y + bias.float()
 
@@ -51,7 +52,7 @@ class FbgemmInt4Dynamic(FbgemmInt8Dynamic):
         return {**super().prepare(tensors), "clip_ratio": tensors.get("clip_ratio", 1.0)}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_per_token(x, 4, runtime["clip_ratio"])
+        x_q, s_tok = quantize_per_token(x, 4, runtime["clip_ratio"], amax_reducer(runtime))
         y = (
             torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 x_q.float(), 1.0, 8, runtime["packed_weight"]
@@ -63,7 +64,8 @@ class FbgemmInt4Dynamic(FbgemmInt8Dynamic):
 
 class NpuInt4Dynamic(LinearKernel):
     """Upstream vllm-ascend's W4A4_DYNAMIC calls: the weight packed 8 int4 per int32 along K (``[N, K/8]``, passed
-    as a transposed view), ``npu_dynamic_quant(dst_type=quint4x2)``, ``npu_quant_matmul`` into float16, then cast."""
+    as a transposed view), ``npu_dynamic_quant(dst_type=quint4x2)``, ``npu_quant_matmul`` into float16, then cast.
+    With ``runtime.amax_reduce``: ``int8_dynamic.npu_quantize_per_token``."""
 
     name = "npu-int4-dynamic"
     backend = "npu"
@@ -81,7 +83,7 @@ class NpuInt4Dynamic(LinearKernel):
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         import torch_npu
 
-        x_q, s_tok = torch_npu.npu_dynamic_quant(x, dst_type=torch.quint4x2)
+        x_q, s_tok = npu_quantize_per_token(x, torch.quint4x2, 7, amax_reducer(runtime))
         y = torch_npu.npu_quant_matmul(
             x_q, runtime["weight_packed"].t(), runtime["weight_scale"], pertoken_scale=s_tok,
             output_dtype=torch.float16,

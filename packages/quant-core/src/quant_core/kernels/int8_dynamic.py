@@ -1,7 +1,8 @@
 """Per-token dynamic int8 activations × per-channel int8 weights (W8A8_DYNAMIC, W8A8_MIX's dynamic path).
 
 Canonical runtime tensors: ``weight`` int8 ``[N, K]``, ``weight_scale`` float32 ``[N]``.
-Math: ``s_tok = amax|x| / 127``, ``x_q = round(x / s_tok)``, ``y = s_tok · s_w · (x_q @ W_qᵀ) + bias``.
+Math: ``s_tok = amax|x| / 127``, ``x_q = round(x / s_tok)``, ``y = s_tok · s_w · (x_q @ W_qᵀ) + bias``; the
+per-token amax goes through ``runtime.amax_reduce`` when set (a part of each row, see ``kernels.base.Runtime``).
 """
 
 import functools
@@ -13,8 +14,8 @@ from typing import Any
 
 import torch
 
-from quant_core.kernels.base import LinearKernel, LinearKernelConfig
-from quant_core.primitives import int_matmul, quantize_per_token
+from quant_core.kernels.base import AmaxReduce, LinearKernel, LinearKernelConfig, amax_reducer
+from quant_core.primitives import int_matmul, quantize_per_token, token_amax
 
 ACL_FORMAT_FRACTAL_NZ = 29
 
@@ -50,7 +51,7 @@ class ReferenceInt8Dynamic(LinearKernel):
     backend = "reference"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = quantize_per_token(x, 8)
+        x_q, s_tok = quantize_per_token(x, 8, amax_reduce=amax_reducer(runtime))
         y = int_matmul(x_q, runtime["weight"]).float() * s_tok * runtime["weight_scale"]
         return y if bias is None else y + bias.float()
 
@@ -79,10 +80,10 @@ class FbgemmInt8Dynamic(LinearKernel):
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if fbgemm_saturates():
-            x_q, s_tok = quantize_per_token(x, 8)
+            x_q, s_tok = quantize_per_token(x, 8, amax_reduce=amax_reducer(runtime))
             y = exact_int8_gemm(x_q.float(), runtime["packed_weight"])
         else:  # the same codes in fewer elementwise passes: this path is per-call overhead at decode
-            codes, s_tok = scale_per_token(x)
+            codes, s_tok = scale_per_token(x, amax_reducer(runtime))
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 codes, 1.0, 128, runtime["packed_weight"]
             )
@@ -90,13 +91,13 @@ class FbgemmInt8Dynamic(LinearKernel):
         return y if bias is None else y.add_(bias)
 
 
-def scale_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_per_token(x: torch.Tensor, amax_reduce: AmaxReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 codes of :func:`quantize_per_token` as float32 (rounded, not clamped: ``|x / s_tok| <= 127`` up to
     one rounding, which the GEMM's own clamp absorbs) and ``s_tok = amax|x| / 127``. The rounding stays here: fbgemm
     adds the zero point before it rounds, which moves ties. All-zero rows divide by the smallest normal float
-    instead of 0, giving codes 0 as the reference does."""
+    instead of 0, giving codes 0 as the reference does. ``amax_reduce``: see ``primitives.token_amax``."""
     x32 = x.float()
-    s_tok = x32.abs().amax(dim=-1, keepdim=True).div_(127)
+    s_tok = token_amax(x32, amax_reduce).div_(127)
     return torch.div(x32, s_tok.clamp_min(torch.finfo(torch.float32).tiny)).round_(), s_tok
 
 
@@ -132,15 +133,37 @@ class FbgemmInt8DynamicInt4Weights(FbgemmInt8Dynamic):
     name = "cpu-fbgemm-int8-dynamic-int4-weights"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        codes, s_tok = scale_per_token(x)
+        codes, s_tok = scale_per_token(x, amax_reducer(runtime))
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             codes, 1.0, 128, runtime["packed_weight"]
         ).mul_(s_tok)
         return y if bias is None else y.add_(bias)
 
 
+def npu_quantize_per_token(
+    x: torch.Tensor, dst_type: torch.dtype, qmax: float, amax_reduce: AmaxReduce | None, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``npu_dynamic_quant(x, dst_type)``'s ``(codes, scale [M])``, or, with ``amax_reduce``, the same with the
+    per-token amax through it: ``npu_dynamic_quant`` computes its own scale, so the scale is computed here and the
+    codes come from ``npu_quantize`` with that per-token scale (``axis=-2``: the scales index the rows;
+    ``div_mode``: ``x / s``). FP8 codes, which ``npu_quantize`` does not document, are a saturating cast."""
+    import torch_npu
+
+    if amax_reduce is None:
+        return torch_npu.npu_dynamic_quant(x, dst_type=dst_type)
+    scale = token_amax(x.float(), amax_reduce) * clip_ratio / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows: codes 0
+    if dst_type == torch.float8_e4m3fn:
+        x_q = (x.float() / safe).clamp_(-qmax, qmax).to(dst_type)
+    else:
+        npu_dtype = torch.qint8 if dst_type == torch.int8 else dst_type
+        x_q = torch_npu.npu_quantize(x, safe.reshape(-1), None, npu_dtype, axis=-2, div_mode=True)
+    return x_q, scale.reshape(-1)
+
+
 class NpuInt8Dynamic(LinearKernel):
-    """Upstream vllm-ascend's calls: ``npu_dynamic_quant`` then ``npu_quant_matmul`` with the weight ``[K, N]``."""
+    """Upstream vllm-ascend's calls: ``npu_dynamic_quant`` then ``npu_quant_matmul`` with the weight ``[K, N]``
+    (with ``runtime.amax_reduce``: :func:`npu_quantize_per_token`)."""
 
     name = "npu-int8-dynamic"
     backend = "npu"
@@ -158,7 +181,7 @@ class NpuInt8Dynamic(LinearKernel):
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         import torch_npu
 
-        x_q, s_tok = torch_npu.npu_dynamic_quant(x)
+        x_q, s_tok = npu_quantize_per_token(x, torch.int8, 127, amax_reducer(runtime))
         return torch_npu.npu_quant_matmul(
             x_q, runtime["weight"], runtime["weight_scale"], pertoken_scale=s_tok, bias=bias, output_dtype=x.dtype
         )

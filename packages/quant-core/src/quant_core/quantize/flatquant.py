@@ -80,8 +80,16 @@ from torch import nn
 
 from quant_core.errors import QuantCoreError
 from quant_core.primitives import get_decompose_dim, int_range
-from quant_core.quantize.calibrate import FloatModel, read_texts
+from quant_core.quantize.calibrate import FloatModel
 from quant_core.quantize.gptq import Grid, HessianAccumulator, checkpoint_tensors, gptq_quantize
+from quant_core.quantize.layerwise import (
+    batch_kwargs,
+    calibration_windows,
+    capture_inputs,
+    decoder_stack,
+    layer_outputs,
+    run_layer,
+)
 from quant_core.quantize.plan import LinearLayer, QuantPlan
 from quant_core.quantize.smooth import MIN_SCALE, SMOOTHABLE_MODEL_TYPES, smoothing_factors
 from quant_core.quantize.source import SourceCheckpoint
@@ -102,6 +110,9 @@ CLIP_INIT = 2.5  # sigmoid(2.5) = 0.92
 INITS = ("hadamard", "random")
 SCALE_ALPHA = 0.5
 SEED = 0
+# the layer-by-layer driver's pieces live in layerwise.py; test_flatquant_calibration.py drives one layer by hand
+# through these names
+_capture_inputs, _float_outputs = capture_inputs, layer_outputs
 LAYOUT = {  # group -> (input module, linears) under one decoder layer
     "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     "o": (None, ("self_attn.o_proj",)),
@@ -424,102 +435,20 @@ def _layer_groups(plan: QuantPlan, source: SourceCheckpoint, prefix: str, model_
 
 def _decoder_layers(plan: QuantPlan) -> tuple[str, list[str]]:
     """The decoder-layer container (``model.layers``) and the FlatQuant layers' decoder-layer prefixes."""
-    prefixes, containers = [], set()
+    prefixes = []
     for layer in plan.quantized:
         if layer.quant_type not in FLATQUANT_SCHEMES:
             continue
         parent = next((layer.prefix[: -len(p) - 1] for _, ps in LAYOUT.values() for p in ps
                        if layer.prefix.endswith(f".{p}")), None)  # fmt: skip
-        container, _, index = (parent or "").rpartition(".")
-        if parent is None or not index.isdigit():
+        if parent is None or not parent.rpartition(".")[2].isdigit():
             raise QuantCoreError(
                 f"{layer.prefix} is {layer.quant_type}: FlatQuant calibration knows the Llama-family decoder layout "
                 "(<layers>.<i>.self_attn.{q,k,v,o}_proj, <layers>.<i>.mlp.{gate,up,down}_proj). Give this layer "
                 f"another scheme, e.g. --layer-scheme '{layer.prefix}=W8A8_DYNAMIC'."
             )
-        containers.add(container)
         prefixes.append(parent)
-    if len(containers) != 1:
-        raise QuantCoreError(f"FlatQuant layers sit in several decoder stacks ({sorted(containers)}); unsupported.")
-    return containers.pop(), sorted(set(prefixes), key=lambda p: int(p.rpartition(".")[2]))
-
-
-def calibration_windows(session: FloatModel, samples: int, seq_len: int) -> torch.Tensor:
-    """``[n, T]`` token ids: the calibration documents concatenated and cut into ``n ≤ samples`` windows of ``T``
-    tokens (``T = seq_len``, or all tokens in one window when there are fewer)."""
-    ids: list[int] = []
-    for text in read_texts(session.config.path):
-        ids += session.tokenizer(text + "\n\n", add_special_tokens=False).input_ids
-        if len(ids) >= samples * seq_len:
-            break
-    if len(ids) < 2:
-        raise QuantCoreError(f"calibration file {session.config.path} has fewer than 2 tokens; add text.")
-    if len(ids) < seq_len:
-        return torch.tensor([ids])
-    n = min(samples, len(ids) // seq_len)
-    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _capture_inputs(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The first decoder layer's hidden states and keyword arguments (rotary embeddings, mask) for ``ids``."""
-    captured: dict = {}
-
-    def hook(_module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "x" not in captured:
-        raise QuantCoreError("FlatQuant calibration: the model's forward pass never reached its first decoder layer.")
-    return captured["x"].detach().float(), captured["kwargs"]
-
-
-def _batch_kwargs(kwargs: dict, index: torch.Tensor, total: int) -> dict:
-    def pick(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == total and total > 1:  # not cache_position
-            return v[index]
-        if isinstance(v, tuple):
-            return tuple(pick(t) for t in v)
-        return v
-
-    return {k: pick(v) for k, v in kwargs.items()}
-
-
-def _run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _float_outputs(layer, inputs, kwargs, batch, watch: dict[str, nn.Module]) -> tuple[torch.Tensor, dict]:
-    """The float layer's outputs, and the per-channel absmax of the inputs of the modules in ``watch``."""
-    absmax: dict[str, torch.Tensor] = {}
-
-    def observe(name, x):
-        amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
-        absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: observe(n, args[0])) for n, m in watch.items()]
-    outs = []
-    try:
-        with torch.no_grad():
-            for index in torch.arange(len(inputs)).split(batch):
-                outs.append(_run_layer(layer, inputs[index], _batch_kwargs(kwargs, index, len(inputs))))
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat(outs).float(), absmax
+    return decoder_stack(prefixes)
 
 
 def calibrate_flatquant(
@@ -540,7 +469,7 @@ def calibrate_flatquant(
     ids = calibration_windows(session, session.config.samples, session.config.seq_len)
     batch = max(1, config.batch_tokens // ids.shape[1])
     session.model.requires_grad_(False)
-    inputs, kwargs = _capture_inputs(session.model, layers[0], ids)
+    inputs, kwargs = capture_inputs(session.model, layers[0], ids)
     q_inputs = inputs  # what the layer receives from the layers quantized before it
     result = FlatQuantResult(windows=tuple(ids.shape))
     generator = torch.Generator().manual_seed(SEED)
@@ -555,7 +484,7 @@ def calibrate_flatquant(
             layer = layers[i]
             groups = _layer_groups(plan, source, prefix, model_config) if prefix in wanted else []
             watch = {g.name: session.module(g.linears[0].prefix) for g in groups if g.scale}
-            targets, absmax = _float_outputs(layer, inputs, kwargs, batch, watch)
+            targets, absmax = layer_outputs(layer, inputs, kwargs, batch, watch)
             if groups:
                 fit = _Fit(session, source, layer, groups, generator)
                 losses = fit.train(absmax, q_inputs, targets, kwargs, batch, config)
@@ -570,7 +499,7 @@ def calibrate_flatquant(
                 result.final.append(nn.functional.mse_loss(out.float(), targets).item())
                 q_outputs = out if config.quantized_inputs else targets
             else:
-                q_outputs = targets if q_inputs is inputs else _float_outputs(layer, q_inputs, kwargs, batch, {})[0]
+                q_outputs = targets if q_inputs is inputs else layer_outputs(layer, q_inputs, kwargs, batch, {})[0]
             inputs, q_inputs = targets, q_outputs
     finally:
         torch.set_num_threads(threads)
@@ -662,7 +591,7 @@ class _Fit:
             for _ in range(config.epochs):
                 total = 0.0
                 for index in torch.randperm(n, generator=self.generator).split(batch):
-                    out = _run_layer(self.layer, inputs[index], _batch_kwargs(kwargs, index, n))
+                    out = run_layer(self.layer, inputs[index], batch_kwargs(kwargs, index, n))
                     loss = ((out.float() - targets[index]).square() * weights[index, :, None]).mean()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -744,7 +673,7 @@ class _Fit:
             setattr(parent, attr, fake)
         try:
             for index in torch.arange(len(inputs)).split(batch):
-                outs.append(_run_layer(self.layer, inputs[index], _batch_kwargs(kwargs, index, len(inputs))))
+                outs.append(run_layer(self.layer, inputs[index], batch_kwargs(kwargs, index, len(inputs))))
                 for t in self.transforms.values():
                     t._cache = None
         finally:

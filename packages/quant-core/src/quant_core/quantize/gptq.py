@@ -30,11 +30,11 @@ inputs with the most energy first, while the most columns are left to absorb the
 *static* parameters computed from the original weights before the loop (each group's columns are no longer
 contiguous in processing order), so the checkpoint layout is unchanged.
 
-Hessians come from one pass of the (smoothed, if ``--smooth``) float model, not layer by layer through the
-already quantized layers; routed MoE experts (3-D parameters in transformers, no per-expert inputs) stay RTN.
-All Hessians are held until their layer is written: K² float32 per distinct layer input (q/k/v share one, gate/up
-one), about 0.7 GB per decoder layer of a 7B-class model (K = 4096, 11008). Fine for small models; large ones need
-a layer-by-layer pipeline (not implemented).
+Hessians come from the quantized model, layer by layer (:mod:`~quant_core.quantize.gptq_sequential`): each
+decoder layer's linears see the activations of the layers before them with their GPTQ weights already in place
+(and, within a layer, of the earlier stages: q/k/v, then o_proj, gate/up, down_proj), routed MoE experts the
+tokens the router sends them. Only one decoder layer's Hessians are held at a time (K² float32 per distinct input;
+a 7B-class layer: about 0.7 GB).
 """
 
 from dataclasses import dataclass

@@ -12,8 +12,14 @@ dots: ``*.o_proj``, ``model.layers.1.*``, ``*.experts.*``), or, written ``re:<re
 anywhere in the name (``re:layers\\.(0|1)\\.mlp``). A pattern matching no layer at all is an error (a typo would
 otherwise silently quantize everything).
 
-Layers that always stay FLOAT, whatever the patterns say (as msModelSlim does): ``lm_head``, embeddings, norms, MoE
-routers (``mlp.gate``, ``router``, ``shared_expert_gate``); biases and every non-2-D tensor are FLOAT too. Fused
+Layers that always stay FLOAT, whatever the default scheme and patterns say (as msModelSlim does): ``lm_head``,
+embeddings, norms, MoE routers (``mlp.gate``, ``router``, ``shared_expert_gate``); biases and every non-2-D tensor are
+FLOAT too. One exception, never taken by default: the token embedding ``embed_tokens`` is quantized when the last rule
+matching it names it (its pattern contains ``embed_tokens``: ``--layer-scheme '*.embed_tokens=W8A16'``; ``'*=W8A16'``
+leaves it FLOAT), with a scheme the quantized lookup supports (:data:`~quant_core.embedding.EMBEDDING_SCHEMES`). With
+``tie_word_embeddings`` the head shares that table: the checkpoint keeps one quantized ``embed_tokens`` (as tied
+checkpoints keep one float table) and loaders run the head with the same scheme, so a quantized embedding quantizes
+the tied head too (the plan notes it; a tied checkpoint that also stores ``lm_head.weight`` is refused). Fused
 shards (q/k/v of one attention, gate/up of one MLP or expert, ...) must share one scheme, as must all the routed
 experts of one MoE block (the stacked MoE schemes assume it); row-parallel projections (``o_proj``, ``down_proj``,
 ``w2``, ``dense``, ``out_proj``) get the row-parallel variant of schemes that have one (``W4A8_DYNAMIC``'s
@@ -22,12 +28,14 @@ experts of one MoE block (the stacked MoE schemes assume it); row-parallel proje
 
 import fnmatch
 import inspect
+import json
 import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from quant_core.embedding import check_embedding_scheme
 from quant_core.errors import CheckpointTensorError, MixedShardsError, QuantCoreError, UnsupportedSchemeError
 from quant_core.quant_types import FLOAT
 from quant_core.quantize.source import FLOAT_DTYPES, SourceCheckpoint, SourceTensor
@@ -46,6 +54,7 @@ FUSED_SHARD_GROUPS: tuple[tuple[str, ...], ...] = (
 ROW_PARALLEL = frozenset({"o_proj", "down_proj", "w2", "dense", "out_proj"})
 ALWAYS_FLOAT = frozenset({"lm_head", "embed_tokens", "embeddings", "wte", "wpe", "gate", "router",
                           "shared_expert_gate"})  # fmt: skip
+QUANTIZABLE_EMBEDDINGS = frozenset({"embed_tokens"})  # quantized only when a rule names them (see above)
 # Schemes whose activation quantization is static: they need calibration statistics.
 STATIC_SCHEMES = frozenset({"W8A8", "W8A8_MIX", "W8A8S"})
 # Schemes that read the description's global group_size.
@@ -69,6 +78,10 @@ class Rule:
         if self.pattern.startswith("re:"):
             return re.search(self.pattern[3:], layer) is not None
         return fnmatch.fnmatchcase(layer, self.pattern)
+
+    def names(self, layer: "LinearLayer") -> bool:
+        """Whether this rule asks for ``layer`` by its own name (how an embedding is quantized on purpose)."""
+        return layer.proj in QUANTIZABLE_EMBEDDINGS and layer.proj in self.pattern and self.matches(layer.prefix)
 
 
 def parse_rules(skip: Iterable[str] = (), layer_schemes: Iterable[str | tuple[str, str]] = ()) -> list[Rule]:
@@ -132,6 +145,7 @@ class QuantPlan:
     linears: dict[str, LinearLayer]
     group_size: int
     fused_groups: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the summary (e.g. a head tied to a quantized embedding)
 
     @property
     def quantized(self) -> list[LinearLayer]:
@@ -206,32 +220,65 @@ def build_plan(
     matched: dict[Rule, list[str]] = {rule: [] for rule in rules}
     for layer in linears.values():
         layer.quant_type, layer.decided_by = scheme, f"--scheme {scheme}"
+        last = None
         for rule in rules:
             if rule.matches(layer.prefix):
                 matched[rule].append(layer.prefix)
-                layer.quant_type, layer.decided_by = rule.scheme, rule.origin
-        if layer.always_float:
+                layer.quant_type, layer.decided_by, last = rule.scheme, rule.origin, rule
+        if layer.always_float and not (last is not None and last.names(layer)):
             layer.quant_type, layer.decided_by = FLOAT, f"{layer.always_float} (always FLOAT)"
     for rule, layers in matched.items():
         if not layers:
+            near = sorted({p for p in linears if p.endswith("." + rule.pattern)})
             raise QuantCoreError(
                 f"{rule.origin}: the pattern matches no linear layer of {source.model_dir}. Patterns are globs over "
                 f"whole layer names (or 're:<regex>' searched anywhere); layer names look like "
-                f"{', '.join(list(linears)[:3])}."
+                f"{', '.join(near[:3] or list(linears)[:3])}{f' (try *.{rule.pattern})' if near else ''}."
             )
-        if rule.scheme != FLOAT and all(linears[p].always_float for p in layers):
+        if rule.scheme != FLOAT and all(linears[p].always_float and not rule.names(linears[p]) for p in layers):
             raise QuantCoreError(
                 f"{rule.origin}: it matches only layers that always stay FLOAT ({', '.join(layers[:3])}: lm_head, "
-                "embeddings, norms and MoE routers are never quantized). Fix the pattern."
+                "embeddings, norms and MoE routers are never quantized, except embed_tokens when a rule names it, "
+                "e.g. --layer-scheme '*.embed_tokens=W8A16'). Fix the pattern."
             )
+    notes = _check_embeddings(source, linears)
 
     fixed = _fixed_group_size(linears, group_size)
-    plan = QuantPlan(linears, fixed or group, _fused_groups(linears))
+    plan = QuantPlan(linears, fixed or group, _fused_groups(linears), notes)
     _check_fused(plan)
     _check_experts(plan)
     _check_group_divides(plan, None if fixed else group_size)
     _check_shapes(plan)
     return plan
+
+
+def _check_embeddings(source: SourceCheckpoint, linears: dict[str, LinearLayer]) -> list[str]:
+    """Quantized embeddings use a lookup scheme; a tied head shares the table (a note), unless stored on its own."""
+    embeddings = [
+        layer for layer in linears.values() if layer.always_float == "embedding" and layer.quant_type != FLOAT
+    ]
+    for layer in embeddings:
+        try:
+            check_embedding_scheme(layer.quant_type, layer.prefix)
+        except UnsupportedSchemeError as e:
+            raise UnsupportedSchemeError(f"{e} (from {layer.decided_by})") from None
+    if not embeddings or not _tied_embeddings(source):
+        return []
+    heads = [p for p, layer in linears.items() if layer.always_float == "lm_head"]
+    if heads:
+        raise QuantCoreError(
+            f"{source.model_dir}: config.json ties the word embeddings, but the checkpoint also stores "
+            f"{heads[0]}.weight; with {embeddings[0].prefix} quantized, loaders would run the tied head from the "
+            "quantized table and ignore that float copy. Remove it from the checkpoint, or set tie_word_embeddings to "
+            "false in config.json."
+        )
+    return [f"the head is tied to {layer.prefix}: it runs {layer.quant_type} too" for layer in embeddings]
+
+
+def _tied_embeddings(source: SourceCheckpoint) -> bool:
+    config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or {}
+    return bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
 
 
 def _check_scheme_names(names: Iterable[str]) -> None:

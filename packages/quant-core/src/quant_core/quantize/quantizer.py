@@ -3,17 +3,18 @@
 Steps: read the tensor table (headers only) -> plan and validate every layer's scheme -> if calibration is needed,
 load the float model once and run the calibration text through it: first to collect smoothing statistics and smooth
 the model in place (``smooth``), to fit the FlatQuant transforms layer by layer (``flatquant``), then, in one more
-pass, static activation ranges (W8A8, W8A8_MIX), GPTQ Hessians (``gptq``) and the KV cache (``kv_cache="C8"``) ->
-stream the tensors one at a time through each layer's
-``scheme.quantize_weights`` (or GPTQ) into size-limited shards in a temporary directory -> description, config, side
-files -> rename the directory into place. Nothing is written before the plan and the calibration succeeded.
+pass, static activation ranges (W8A8, W8A8_MIX) and the KV cache (``kv_cache="C8"``), last GPTQ (``gptq``) decoder
+layer by decoder layer on the quantized model's activations (the GPTQ layers' tensors are kept, small, until
+written) -> stream the tensors one at a time through each layer's ``scheme.quantize_weights`` (or take its GPTQ
+tensors) into size-limited shards in a temporary directory -> description, config, side files -> rename the
+directory into place. Nothing is written before the plan and the calibration succeeded.
 """
 
 import time
 import typing
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from quant_core.quantize.flatquant import (
     calibrate_flatquant,
     quantize_linear,
 )
-from quant_core.quantize.gptq import GPTQ_SCHEMES, HessianAccumulator, checkpoint_tensors, gptq_quantize, grid_for
+from quant_core.quantize.gptq import GPTQ_SCHEMES
+from quant_core.quantize.gptq_sequential import SequentialOptions, quantize_sequential
 from quant_core.quantize.kvcache import C8, KVCacheObserver, attention_prefixes
 from quant_core.quantize.plan import STATIC_SCHEMES, LinearLayer, QuantPlan, build_plan, parse_rules
 from quant_core.quantize.smooth import Smoothing, check_alpha, down_smoothing_groups, smooth_model, smoothing_groups
@@ -93,11 +95,9 @@ class Calibrated:
 
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # static layer -> (act_min, act_max)
     smoothing: Smoothing | None = None
-    hessians: dict[str, HessianAccumulator] = field(default_factory=dict)  # GPTQ layer -> its inputs' XᵀX
+    gptq_tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # GPTQ layer -> its tensors
     kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # C8 tensors by name
     flatquant: FlatQuantResult | None = None  # learned transforms of the FlatQuant layers
-    gptq_clip: float = 1.0  # GPTQ options (see gptq.py): smallest clip ratio searched, column order
-    gptq_act_order: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,8 +134,9 @@ def quantize_model(
     ``percentile`` clips static ranges. ``group_size`` is the description's global group size (W4A16, W4A8_DYNAMIC;
     0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
     (:mod:`~quant_core.quantize.smooth`), ``smooth_down=ALPHA`` also between each dense MLP's up_proj and
-    down_proj; ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers with GPTQ instead of
-    round-to-nearest (:mod:`~quant_core.quantize.gptq`; ``gptq_clip=R`` searches clip ratios in [R, 1],
+    down_proj; ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers (routed MoE experts included)
+    with GPTQ instead of round-to-nearest, decoder layer by decoder layer (:mod:`~quant_core.quantize.gptq`,
+    :mod:`~quant_core.quantize.gptq_sequential`; ``gptq_clip=R`` searches clip ratios in [R, 1],
     ``gptq_act_order`` quantizes columns by decreasing Hessian diagonal); ``kv_cache="C8"`` writes int8 KV-cache
     scales (:mod:`~quant_core.quantize.kvcache`). ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on
     ``calib`` (``calib_samples`` windows of ``calib_seq_len`` tokens, ``flatquant_epochs`` passes; without ``calib``
@@ -185,9 +186,11 @@ def quantize_model(
         )
     if needs:
         config = CalibrationConfig(Path(calib), calib_samples, calib_seq_len, percentile)
+        gptq_options = SequentialOptions(clip=gptq_clip or 1.0, act_order=gptq_act_order)
         calibrated = run_calibration(
-            source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress, alpha_down=alpha_down
-        )
+            source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress, alpha_down=alpha_down,
+            gptq_options=gptq_options,
+        )  # fmt: skip
     elif calib is not None or percentile is not None:
         warnings.warn(
             f"calibration ignored: no layer uses a static scheme ({', '.join(sorted(STATIC_SCHEMES))}), and neither "
@@ -195,7 +198,6 @@ def quantize_model(
             stacklevel=2,
         )
 
-    calibrated.gptq_clip, calibrated.gptq_act_order = gptq_clip or 1.0, gptq_act_order
     extra_globals = {"kv_cache_type": kv_cache, "kv_quant_type": kv_cache} if kv_cache else {}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -216,9 +218,9 @@ def quantize_model(
         calibrated_layers=len(calibrated.ranges),
         smoothed_norms=len(calibrated.smoothing.norms) if calibrated.smoothing else 0,
         smooth_alpha=alpha,
-        gptq_layers=len(calibrated.hessians),
+        gptq_layers=len(calibrated.gptq_tensors),
         kv_cache=kv_cache,
-        notes=tuple(calibrated.notes),
+        notes=tuple(plan.notes + calibrated.notes),
     )
 
 
@@ -284,11 +286,11 @@ def flatquant_fields(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _gptq_layers(plan: QuantPlan) -> list[LinearLayer]:
-    layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and not layer.expert_block]
+    layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES]
     if not layers:
         used = ", ".join(sorted({layer.quant_type for layer in plan.quantized})) or "none"
         raise QuantCoreError(
-            f"--gptq applies to dense {', '.join(GPTQ_SCHEMES)} layers, and no layer uses those (schemes used: "
+            f"--gptq applies to {', '.join(GPTQ_SCHEMES)} layers, and no layer uses those (schemes used: "
             f"{used}). Pick one of them with --scheme / --layer-scheme, or drop --gptq."
         )
     return layers
@@ -305,9 +307,11 @@ def run_calibration(
     *,
     progress: bool = True,
     alpha_down: float | None = None,
+    gptq_options: SequentialOptions | None = None,
 ) -> Calibrated:
     """Load the float model once; smooth it (its own pass), fit the FlatQuant transforms (layer by layer, leaving
-    the model unchanged), then one pass for ranges, Hessians and the KV cache."""
+    the model unchanged), one pass of the float model for static ranges and the KV cache, then GPTQ layer by layer
+    (:mod:`~quant_core.quantize.gptq_sequential`; the model's weights become the dequantized GPTQ weights)."""
     session = FloatModel(source.model_dir, config, progress=progress)
     result = Calibrated()
     try:
@@ -331,39 +335,26 @@ def run_calibration(
             result.notes.append(result.flatquant.note(flatquant))
         observers = {layer.prefix: RangeObserver(config.percentile) for layer in plan.static_layers}
         callbacks = {name: obs.update for name, obs in observers.items()}
-        owner = _hessian_owners(plan, gptq_layers)
-        accumulators = {prefix: HessianAccumulator() for prefix in set(owner.values())}
-        for prefix, acc in accumulators.items():
-            if prefix in callbacks:  # static and GPTQ on one layer cannot happen (no GPTQ for static schemes)
-                raise QuantCoreError(f"{prefix}: both static calibration and GPTQ requested.")
-            callbacks[prefix] = acc.update
         kv_observer = KVCacheObserver(attention_prefixes(plan.linears)) if kv_cache else None
         if callbacks or kv_observer:
             with input_hooks(session, callbacks):
                 session.run(on_cache=kv_observer)
         check_seen({name: obs.calls for name, obs in observers.items()})
-        check_seen({name: acc.tokens for name, acc in accumulators.items()})
         result.ranges = share_fused_ranges(plan, {name: obs.range() for name, obs in observers.items()})
-        result.hessians = {prefix: accumulators[key] for prefix, key in owner.items()}
         if kv_observer is not None:
             result.kv_tensors = kv_observer.tensors()
-        experts = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and layer.expert_block]
-        if gptq_layers and experts:
-            result.notes.append(f"{len(experts)} MoE expert layers use round-to-nearest (GPTQ needs per-expert inputs)")
+        if gptq_layers:
+            gptq = quantize_sequential(session, source, plan, gptq_layers, gptq_options or SequentialOptions(),
+                                       result.smoothing, progress=progress)  # fmt: skip
+            result.gptq_tensors = gptq.tensors
+            if gptq.rtn:
+                result.notes.append(
+                    f"{len(gptq.rtn)} MoE expert layers use round-to-nearest: no calibration token was routed to "
+                    f"their experts (e.g. {gptq.rtn[0]}); add calibration samples"
+                )
     finally:
         del session
     return result
-
-
-def _hessian_owners(plan: QuantPlan, layers: list[LinearLayer]) -> dict[str, str]:
-    """GPTQ layer -> the layer whose inputs give its Hessian: fused shards read one input, so they share one."""
-    chosen = {layer.prefix for layer in layers}
-    owner = {p: p for p in chosen}
-    for group in plan.fused_groups:
-        members = [p for p in group if p in chosen]
-        if members:
-            owner.update(dict.fromkeys(members, members[0]))
-    return owner
 
 
 def share_fused_ranges(plan: QuantPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -387,7 +378,7 @@ def write_tensors(
     progress: bool = True,
 ) -> None:
     """Every source tensor, in natural name order: quantized linears become their scheme's tensors (from the smoothed
-    weights, with GPTQ where a Hessian was collected), smoothed norms are replaced, the rest is copied unchanged
+    weights; GPTQ layers take their calibrated tensors), smoothed norms are replaced, the rest is copied unchanged
     (typed FLOAT); C8 tensors follow their k_proj / v_proj. One layer's tensors are in memory at a time."""
     from tqdm.auto import tqdm
 
@@ -417,14 +408,12 @@ def write_tensors(
                 weight = source.read(name)
                 if smoothing is not None:
                     weight = smoothing.weight(layer.prefix, weight)
-                hessian = calibrated.hessians.get(layer.prefix)
                 if flat is not None and layer.prefix in flat.linears:
                     tensors, bias = quantize_linear(plan, layer, flat.linears[layer.prefix], weight, bias)
+                elif layer.prefix in calibrated.gptq_tensors:  # checked against the scheme's specs when made
+                    tensors = calibrated.gptq_tensors[layer.prefix]
                 else:
-                    tensors = quantize_layer(
-                        schemes[key], layer, weight, bias, calibrated.ranges, hessian,
-                        clip=calibrated.gptq_clip, act_order=calibrated.gptq_act_order,
-                    )  # fmt: skip
+                    tensors = quantize_layer(schemes[key], layer, weight, bias, calibrated.ranges)
                 for suffix, tensor in tensors.items():
                     writer.add(f"{layer.prefix}.{suffix}", tensor, layer.quant_type)
                 if bias is not None:
@@ -444,24 +433,15 @@ def quantize_layer(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     ranges: dict[str, tuple[float, float]],
-    hessian: HessianAccumulator | None = None,
-    *,
-    clip: float = 1.0,
-    act_order: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One layer's checkpoint tensors (RTN, or GPTQ given the inputs' Hessian), checked against the scheme's own
-    specs before they are written."""
+    """One layer's round-to-nearest checkpoint tensors (GPTQ layers: see gptq_sequential), checked against the
+    scheme's own specs before they are written."""
     source_dtype = layer.weight.torch_dtype
     with torch.no_grad():
-        if hessian is not None:
-            grid = replace(grid_for(layer.quant_type, scheme, layer.in_features, layer.out_features), clip=clip)
-            result = gptq_quantize(weight, hessian.hessian(), grid, layer=layer.prefix, act_order=act_order)
-            tensors = checkpoint_tensors(layer.quant_type, result, row_parallel=getattr(scheme, "row_parallel", False))
-        else:
-            calibration = {}
-            if layer.is_static:
-                calibration = dict(zip(("act_min", "act_max"), ranges[layer.prefix], strict=True))
-            tensors = scheme.quantize_weights(weight, bias, **calibration)
+        calibration = {}
+        if layer.is_static:
+            calibration = dict(zip(("act_min", "act_max"), ranges[layer.prefix], strict=True))
+        tensors = scheme.quantize_weights(weight, bias, **calibration)
     deq = tensors.get("deq_scale")
     if deq is not None and deq.dtype == torch.float32 and source_dtype == torch.float16 != weight.dtype:
         tensors["deq_scale"] = encode_scale_int64(deq)  # smoothed weights are fp32: keep the fp16 model's encoding

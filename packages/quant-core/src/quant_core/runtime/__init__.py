@@ -7,8 +7,9 @@ schemes, to check a checkpoint (logits, generations) before it is served by vLLM
 Needs the ``hf`` extra (transformers, safetensors).
 """
 
+from quant_core.runtime.embedding import QuantEmbedding
 from quant_core.runtime.linear import QuantLinear
 from quant_core.runtime.loader import IGNORED_SUFFIXES, load_quantized
 from quant_core.runtime.moe import QuantExperts
 
-__all__ = ["IGNORED_SUFFIXES", "QuantExperts", "QuantLinear", "load_quantized"]
+__all__ = ["IGNORED_SUFFIXES", "QuantEmbedding", "QuantExperts", "QuantLinear", "load_quantized"]

@@ -6,6 +6,9 @@
    becomes a :class:`QuantExperts` (or gets its float per-expert tensors stacked in). The quant type is looked up as
    vLLM does, ``desc.quant_type_for(prefix, kind)``: Hugging Face checkpoints keep q/k/v and gate/up separate, so
    no packed-module table is needed.
+   A quantized ``nn.Embedding`` (``embed_tokens``; W8A16, W8A8_DYNAMIC, W4A16, W4A8_DYNAMIC) becomes a
+   :class:`QuantEmbedding`. When config.json ties the word embeddings and the checkpoint has no head of its own, the
+   head is tied to that quantized table: a :class:`QuantLinear` running the same tensors with the same scheme.
    Fused groups vLLM runs as one matmul (q/k/v, gate/up, the experts of one MoE layer) must share one quant type,
    so a checkpoint this runtime accepts is one vLLM accepts too.
 3. Every other checkpoint tensor loads into its parameter. Tensors the float architecture lacks that msModelSlim's
@@ -25,6 +28,7 @@ from torch import nn
 
 from quant_core.checkpoint import checkpoint_path, weight_map
 from quant_core.description import QuantDescription
+from quant_core.embedding import prepare_embedding
 from quant_core.errors import (
     CheckpointFileError,
     CheckpointTensorError,
@@ -35,6 +39,7 @@ from quant_core.errors import (
 )
 from quant_core.quant_types import FLOAT
 from quant_core.registry import get_scheme
+from quant_core.runtime.embedding import QuantEmbedding
 from quant_core.runtime.linear import QuantLinear
 from quant_core.runtime.moe import (
     QuantExperts,
@@ -190,6 +195,7 @@ class _Loader:
         for name in reader.names:
             self.by_owner[name.rpartition(".")[0]].append(name)
         self.quantized: set[str] = set()  # prefixes of the layers that run a scheme
+        self.embeddings: dict[str, tuple[str, dict]] = {}  # quantized embedding -> (quant type, its tensors)
 
     # --- quantized layers ---------------------------------------------------------------------------------------
     def replace_quantized(self) -> None:
@@ -198,6 +204,9 @@ class _Loader:
                 self._linear(prefix, module)
             elif is_fused_experts(module):
                 self._experts(prefix, module)
+            elif isinstance(module, nn.Embedding):
+                self._embedding(prefix, module)
+        self._tied_heads()
 
     def _scheme(self, quant_type: str, kind: str, prefix: str):
         options = {"backend": self.backend, "version": self.desc.version, "group_size": self.desc.group_size}
@@ -242,6 +251,42 @@ class _Loader:
         self.model.set_submodule(prefix, QuantLinear(scheme, runtime, bias))
         self.pending -= set(names)
         self.quantized.add(prefix)
+
+    def _embedding(self, prefix: str, module: nn.Embedding) -> None:
+        if f"{prefix}.weight" not in self.desc.entries:
+            return  # absent from the description: load_remaining (a float table) or check_complete decides
+        quant_type = self.desc.quant_type_for(prefix, "linear")
+        if quant_type is None:
+            return
+        if type(module) is not nn.Embedding:
+            raise UnsupportedSchemeError(
+                f"embedding layer {prefix!r} is {quant_type} in {self.desc.source}, but the model builds it as "
+                f"{type(module).__name__}, whose forward differs from nn.Embedding's lookup (e.g. a scaled "
+                "embedding); this runtime quantizes plain nn.Embedding tables only. Keep this embedding FLOAT."
+            )
+        names = [n for n in self.by_owner.get(prefix, []) if not n.endswith(IGNORED_SUFFIXES)]
+        tensors = {n[len(prefix) + 1 :]: self.reader.get(n) for n in names}
+        table = prepare_embedding(quant_type, tensors, group_size=self.desc.group_size, layer=prefix)
+        if (table.num_embeddings, table.embedding_dim) != (module.num_embeddings, module.embedding_dim):
+            raise CheckpointTensorError(
+                f"embedding layer {prefix!r}: the checkpoint's {quant_type} tensors hold a {table.num_embeddings} x "
+                f"{table.embedding_dim} table, config.json gives {module.num_embeddings} x {module.embedding_dim}. "
+                "The checkpoint does not belong to this config."
+            )
+        self.model.set_submodule(prefix, QuantEmbedding(table, self.dtype, module.padding_idx))
+        self.pending -= set(names)
+        self.quantized.add(prefix)
+        self.embeddings[prefix] = (quant_type, tensors)
+
+    def _tied_heads(self) -> None:
+        """A head tied to a quantized embedding (and absent from the checkpoint) runs that table as a linear."""
+        for target, source in (getattr(self.model, "all_tied_weights_keys", None) or {}).items():
+            head, embed = target.removesuffix(".weight"), source.removesuffix(".weight")
+            if embed not in self.embeddings or target in self.desc.entries or target in self.pending:
+                continue
+            quant_type, tensors = self.embeddings[embed]
+            scheme = self._scheme(quant_type, "linear", head)
+            self.model.set_submodule(head, QuantLinear(scheme, scheme.process_weights(tensors, layer=embed)))
 
     def _experts(self, prefix: str, module: nn.Module) -> None:
         owners = [o for o in self.by_owner if o.startswith(prefix + ".")]
