@@ -18,7 +18,7 @@ from quant_core.cli import FLATQUANT_EPOCHS, main  # noqa: E402
 from quant_core.errors import QuantCoreError  # noqa: E402
 from quant_core.kernels.flatquant import kronecker_transform  # noqa: E402
 from quant_core.primitives import get_decompose_dim  # noqa: E402
-from quant_core.quantize import build_plan, quantize_model, quantizer  # noqa: E402
+from quant_core.quantize import build_plan, layerwise, quantize_model, quantizer  # noqa: E402
 from quant_core.quantize import flatquant as fq  # noqa: E402
 from quant_core.quantize.calibrate import CalibrationConfig, FloatModel  # noqa: E402
 from quant_core.quantize.source import SourceCheckpoint  # noqa: E402
@@ -130,10 +130,10 @@ def test_checkpoint_computes_what_was_fitted(scheme, gptq, models, calib, monkey
     session.model.requires_grad_(False)
     layers = session.module("model.layers")
     ids = fq.calibration_windows(session, SAMPLES, SEQ_LEN)
-    inputs, kwargs = fq._capture_inputs(session.model, layers[0], ids)
+    inputs, kwargs = layerwise.capture_inputs(session.model, layers[0], ids)
     groups = fq._layer_groups(plan, source, "model.layers.0", session.model.config)
     watch = {g.name: session.module(g.linears[0].prefix) for g in groups if g.scale}
-    targets, absmax = fq._float_outputs(layers[0], inputs, kwargs, 4, watch)
+    targets, absmax = layerwise.layer_outputs(layers[0], inputs, kwargs, 4, watch)
     fit = fq._Fit(session, source, layers[0], groups, torch.Generator().manual_seed(0))
     fit.train(absmax, inputs, targets, kwargs, 4, fq.FlatQuantConfig(epochs=1))
     result = fq.FlatQuantResult()

@@ -110,9 +110,6 @@ CLIP_INIT = 2.5  # sigmoid(2.5) = 0.92
 INITS = ("hadamard", "random")
 SCALE_ALPHA = 0.5
 SEED = 0
-# the layer-by-layer driver's pieces live in layerwise.py; test_flatquant_calibration.py drives one layer by hand
-# through these names
-_capture_inputs, _float_outputs = capture_inputs, layer_outputs
 LAYOUT = {  # group -> (input module, linears) under one decoder layer
     "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     "o": (None, ("self_attn.o_proj",)),
