@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from linear_inputs import record_linear_inputs
+from linear_inputs import dequantized_layers, record_linear_inputs
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from quant_core import QuantDescription, get_scheme  # noqa: E402
+from quant_core import get_scheme  # noqa: E402
 from quant_core.errors import QuantCoreError  # noqa: E402
 from quant_core.quantize import quantize_model  # noqa: E402
 from quant_core.quantize.gptq import checkpoint_tensors, gptq_quantize, grid_for  # noqa: E402
@@ -49,24 +49,6 @@ def calib(tmp_path_factory) -> Path:
 def inputs(model) -> dict[str, torch.Tensor]:
     """Every linear's calibration inputs, recorded here independently of the quantizer."""
     return record_linear_inputs(model, TEXTS, SEQ_LEN)
-
-
-def dequantized_layers(out: Path, group_size: int) -> dict[str, torch.Tensor]:
-    """Each quantized layer's float weight as its scheme computes with it: ``apply`` on the identity (per-token
-    activation quantization of a one-hot row is exact)."""
-    desc = QuantDescription.from_checkpoint(out)
-    tensors = load_file(next(out.glob("*.safetensors")))
-    weights = {}
-    for key, qtype in desc.entries.items():
-        if key.endswith(".weight") and qtype != "FLOAT":
-            prefix = key.removesuffix(".weight")
-            layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == prefix}
-            options = {"row_parallel": layer["scale_bias"].shape[1] > 1} if "scale_bias" in layer else {}
-            scheme = get_scheme(qtype, "linear", backend="reference", version="1.0.0", group_size=group_size,
-                                **options)  # fmt: skip
-            k = layer["weight"].shape[1]
-            weights[prefix] = scheme.apply(scheme.process_weights(layer, layer=prefix), torch.eye(k)).T
-    return weights
 
 
 @pytest.mark.parametrize(("scheme", "group_size"), CASES, ids=[f"{s}-g{g}" for s, g in CASES])

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from linear_inputs import dequantized_layers
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from quant_core import QuantDescription, get_scheme  # noqa: E402
+from quant_core import get_scheme  # noqa: E402
 from quant_core.quantize import gptq_sequential, quantize_model, quantizer  # noqa: E402
 from quant_core.quantize.calibrate import CalibrationConfig, FloatModel  # noqa: E402
 from quant_core.quantize.gptq import gptq_quantize, grid_for  # noqa: E402
@@ -37,24 +38,6 @@ def calib(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(random_text(0))
     return path
-
-
-def dequantized(out: Path, group_size: int) -> dict[str, torch.Tensor]:
-    """Each quantized 2-D weight as its linear scheme computes with it (``apply`` on the identity; per-token
-    activation quantization of a one-hot row is exact)."""
-    desc = QuantDescription.from_checkpoint(out)
-    tensors = load_file(next(out.glob("*.safetensors")))
-    weights = {}
-    for key, qtype in desc.entries.items():
-        if key.endswith(".weight") and qtype != "FLOAT":
-            prefix = key.removesuffix(".weight")
-            layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == prefix}
-            options = {"row_parallel": layer["scale_bias"].shape[1] > 1} if "scale_bias" in layer else {}
-            scheme = get_scheme(qtype, "linear", backend="reference", version="1.0.0", group_size=group_size,
-                                **options)  # fmt: skip
-            k = layer["weight"].shape[1]
-            weights[prefix] = scheme.apply(scheme.process_weights(layer, layer=prefix), torch.eye(k)).T
-    return weights
 
 
 def record_inputs(net, ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -115,7 +98,7 @@ def test_moe_experts_get_gptq(scheme, group_size, calib, tmp_path):
     # 2 decoder layers x (4 attention + 8 experts x 3 projections): every expert was routed calibration tokens
     assert "56 layers quantized with GPTQ" in str(summary) and "round-to-nearest" not in str(summary)
     floats = load_file(moe / "model.safetensors")
-    rtn, gptq = dequantized(tmp_path / "rtn", group_size), dequantized(tmp_path / "gptq", group_size)
+    rtn, gptq = dequantized_layers(tmp_path / "rtn", group_size), dequantized_layers(tmp_path / "gptq", group_size)
     ids = transformers.AutoTokenizer.from_pretrained(moe)(random_text(1, lines=20), return_tensors="pt").input_ids
     names = [n for n in gptq if ".experts." in n]
     held_out = record_inputs(load_float(moe), ids, names)  # float model, text the calibration never saw
@@ -175,7 +158,7 @@ def test_layers_see_the_quantized_model(kind, quantized_inputs, calib, tmp_path,
     session = FloatModel(model, CalibrationConfig(calib, SAMPLES, SEQ_LEN), progress=False)
     ids = document_windows(session, SAMPLES, SEQ_LEN)  # the windows GPTQ calibrated on (its default)
     floats = load_file(model / "model.safetensors")
-    deq = dequantized(tmp_path / "out", g)
+    deq = dequantized_layers(tmp_path / "out", g)
     names = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
     names += [f"model.layers.1.mlp.{p}" for p in ("gate_proj", "down_proj")] if kind == "llama" else [
         f"model.layers.{i}.mlp.experts.{e}.{p}" for i in (0, 1) for e in (0, 5) for p in ("gate_proj", "down_proj")

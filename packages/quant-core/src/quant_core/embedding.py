@@ -33,8 +33,6 @@ import torch
 
 from quant_core.errors import CheckpointTensorError, UnsupportedSchemeError
 from quant_core.registry import get_scheme
-from quant_core.schemes._linear import FLOAT_DTYPES
-from quant_core.spec import check_tensors
 
 EMBEDDING_SCHEMES = ("W8A16", "W8A8_DYNAMIC", "W4A16", "W4A8_DYNAMIC")
 PACKED_SCHEMES = frozenset({"W4A16", "W4A8_DYNAMIC"})  # two int4 rows per byte along V
@@ -92,10 +90,7 @@ def prepare_embedding(
             f"embedding layer {layer or '<embedding>'!r}: expected an int8 2-D 'weight' tensor for {quant_type}, got "
             f"{got}. The description's quant type does not match the checkpoint."
         )
-    k, n = scheme.layer_shape(tensors)
-    dtype = next((t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES), torch.float32)
-    check_tensors(scheme.weight_specs(k, n, dtype), dict(tensors), layer)
-    canonical = scheme.canonicalize(tensors, layer)
+    _, n, canonical = scheme.checked_canonical(tensors, layer)
     scale = canonical["weight_scale"].reshape(n, -1)
     if "weight_scale_second" in canonical:  # two-step W4A8: w4 · scale[v] · second[v, group]
         scale = scale * canonical["weight_scale_second"]

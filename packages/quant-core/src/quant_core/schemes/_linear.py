@@ -56,6 +56,17 @@ class KernelLinearScheme(LinearScheme):
         return {}
 
     def process_weights(self, tensors: Mapping[str, torch.Tensor], *, layer: str = "") -> Runtime:
+        k, n, canonical = self.checked_canonical(tensors, layer)
+        config = LinearKernelConfig(
+            self.quant_type, k, n, self.group_size, tensors["weight"].device.type, self.kernel_options()
+        )
+        kernel = choose_kernel(self.KERNELS, config, self.backend)(config)
+        return Runtime(kernel.prepare(canonical), kernel)
+
+    def checked_canonical(
+        self, tensors: Mapping[str, torch.Tensor], layer: str = ""
+    ) -> tuple[int, int, dict[str, torch.Tensor]]:
+        """``(in_features, out_features, canonical tensors)`` after checking every tensor against the specs."""
         if "weight" not in tensors:
             raise CheckpointTensorError(
                 f"layer {layer or '<layer>'!r} has no 'weight' tensor (got {', '.join(sorted(tensors)) or 'nothing'})."
@@ -68,12 +79,7 @@ class KernelLinearScheme(LinearScheme):
         k, n = self.layer_shape(tensors)
         dtype = next((t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES), torch.float32)
         check_tensors(self.weight_specs(k, n, dtype), dict(tensors), layer)
-        canonical = self.canonicalize(tensors, layer)
-        config = LinearKernelConfig(
-            self.quant_type, k, n, self.group_size, tensors["weight"].device.type, self.kernel_options()
-        )
-        kernel = choose_kernel(self.KERNELS, config, self.backend)(config)
-        return Runtime(kernel.prepare(canonical), kernel)
+        return k, n, self.canonicalize(tensors, layer)
 
     def apply(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         kernel: LinearKernel | None = getattr(runtime, "kernel", None)
