@@ -18,7 +18,11 @@ the documentation we have does not spell them out). The *producer* ones (:func:`
 its tiny-Qwen3 output: every code and scale equal), rounding rules and working precision included.
 """
 
+from collections.abc import Callable
+
 import torch
+
+from quant_core.primitives import token_amax
 
 MX_BLOCK = 32
 E8M0_BIAS = 127
@@ -131,11 +135,13 @@ def decode_mx_weight(weight: torch.Tensor, scale: torch.Tensor, element: str) ->
     return dequantize_mx(values, scale.to(torch.int32) - E8M0_BIAS)
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(
+    x: torch.Tensor, amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric FP8 per row: ``s = amax|x| / 448`` (float32 ``[..., 1]``), ``q = fp8(x / s)`` as float32
-    values. An all-zero row gets ``s = 0`` and ``q = 0``."""
+    values. An all-zero row gets ``s = 0`` and ``q = 0``. ``amax_reduce``: see ``primitives.token_amax``."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = token_amax(x32, amax_reduce) / FP8_MAX
     return round_fp8(x32 / torch.where(scale > 0, scale, torch.ones_like(scale))), scale
 
 

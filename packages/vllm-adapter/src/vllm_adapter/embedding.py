@@ -26,16 +26,9 @@ class ModelSlimVocabEmbeddingMethod(ModelSlimEmbeddingMethod):
     serves_head = False  # set by ModelSlimTiedHeadMethod.tie_weights
 
     def process_weights_after_loading(self, layer) -> None:
-        tensors = self.checkpoint_tensors(layer)
-        rows, padded = layer.num_org_embeddings_per_partition, layer.num_embeddings_per_partition
-        if rows < padded:  # vLLM's zero padding rows are no quantized rows (zero scales): keep the real ones
-            specs = layer.modelslim_specs
-            for name, spec in specs.items():
-                if name in tensors and spec.output_dim is not None:
-                    tensors[name] = tensors[name].narrow(spec.output_dim, 0, rows // spec.packed_factor)
+        tensors = self.real_rows(layer)
         group_size = self.config.description.group_size
         layer.modelslim_table = prepare_embedding(self.quant_type, tensors, group_size=group_size, layer=self.prefix)
-        layer.modelslim_padding = padded - rows
         if self.serves_head:
             layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
 

@@ -193,15 +193,20 @@ class ModelSlimEmbeddingMethod(ModelSlimLinearMethod):
         return [layer.org_vocab_size]
 
     def process_weights_after_loading(self, layer) -> None:
+        tensors = self.real_rows(layer)
+        layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
+
+    def real_rows(self, layer) -> dict[str, torch.Tensor]:
+        """The loaded tensors without vLLM's zero padding rows (they are no quantized rows: zero scales); sets
+        ``layer.modelslim_padding``."""
         tensors = self.checkpoint_tensors(layer)
         rows, padded = layer.num_org_embeddings_per_partition, layer.num_embeddings_per_partition
         if rows < padded:
-            specs = layer.modelslim_scheme.weight_specs(layer.embedding_dim, padded, layer.params_dtype)
-            for name, spec in specs.items():
+            for name, spec in layer.modelslim_specs.items():
                 if name in tensors and spec.output_dim is not None:
                     tensors[name] = tensors[name].narrow(spec.output_dim, 0, rows // spec.packed_factor)
         layer.modelslim_padding = padded - rows
-        layer.modelslim_runtime = layer.modelslim_scheme.process_weights(tensors, layer=self.prefix)
+        return tensors
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         logits = super().apply(layer, x, bias)

@@ -16,19 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from quant_core.float_formats import FP8_MAX, quantize_fp8_per_token, round_fp8
-from quant_core.kernels.base import AmaxReduce, LinearKernel, LinearKernelConfig, amax_reducer
+from quant_core.float_formats import FP8_MAX, quantize_fp8_per_token
+from quant_core.kernels.base import LinearKernel, LinearKernelConfig, amax_reducer
 from quant_core.kernels.int8_dynamic import npu_quantize_per_token, torch_npu_available
-from quant_core.primitives import token_amax
-
-
-def fp8_per_token(x: torch.Tensor, amax_reduce: AmaxReduce | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``float_formats.quantize_fp8_per_token`` with the per-token amax through ``amax_reduce``."""
-    if amax_reduce is None:
-        return quantize_fp8_per_token(x)
-    x32 = x.float()
-    scale = token_amax(x32, amax_reduce) / FP8_MAX
-    return round_fp8(x32 / torch.where(scale > 0, scale, torch.ones_like(scale))), scale
 
 
 class ReferenceFp8Dynamic(LinearKernel):
@@ -38,7 +28,7 @@ class ReferenceFp8Dynamic(LinearKernel):
     backend = "reference"
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = fp8_per_token(x, amax_reducer(runtime))
+        x_q, s_tok = quantize_fp8_per_token(x, amax_reducer(runtime))
         y = (x_q @ runtime["weight"].float().T) * s_tok * runtime["weight_scale"]
         return y if bias is None else y + bias.float()
 
@@ -59,7 +49,7 @@ class CpuFp8Dynamic(LinearKernel):
         return {"weight": tensors["weight"].float() * tensors["weight_scale"][:, None]}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_q, s_tok = fp8_per_token(x, amax_reducer(runtime))
+        x_q, s_tok = quantize_fp8_per_token(x, amax_reducer(runtime))
         return F.linear(x_q * s_tok, runtime["weight"], None if bias is None else bias.float())
 
 
