@@ -254,10 +254,10 @@ def test_patterns_skip_and_precedence(models, tmp_path):
                  "model.layers.0.self_attn.q_norm.weight"):  # fmt: skip
         assert entries[name] == "FLOAT"
     check_output(out, models["qwen3"])
-    # skipping an always-FLOAT layer is harmless; quantizing one is refused
+    # skipping an always-FLOAT layer is harmless; a rule that reaches one without naming it is refused
     quantize_model(models["qwen3"], tmp_path / "o2", skip=["lm_head"], progress=False)
-    with pytest.raises(QuantCoreError, match="always stay FLOAT"):
-        quantize_model(models["qwen3"], tmp_path / "o3", layer_schemes=["lm_head=W8A16"], progress=False)
+    with pytest.raises(QuantCoreError, match="stay FLOAT unless named"):
+        quantize_model(models["qwen3"], tmp_path / "o3", layer_schemes=["*embed*=W8A16"], progress=False)
 
 
 def test_biases_stay_float(models, tmp_path):

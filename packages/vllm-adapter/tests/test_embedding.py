@@ -70,3 +70,21 @@ def test_embedding_scheme_without_a_lookup_is_refused(checkpoints):
     )
     with pytest.raises(UnsupportedSchemeError, match=r"(?s)model\.embed_tokens.*W4A4_DYNAMIC.*W8A16, W8A8_DYNAMIC"):
         start_engine(model_dir)
+
+
+def test_quantized_head_from_a_tied_table(checkpoints):
+    """``lm_head=W8A8_DYNAMIC`` on a tied model: the quantizer writes the head's own tensors from the table (smoothed
+    into the final norm) and unties the config, so vLLM loads a quantized ``ParallelLMHead`` beside the float table."""
+    tied = {"tie_word_embeddings": True}
+    plain = checkpoints.quantized("llama", "W8A16", "llama-W8A16-tie_word_embeddingsTrue", float_overrides=tied)
+    model_dir = checkpoints.quantized("llama", "W8A16", "llama-head-W8A8_DYNAMIC", float_overrides=tied,
+                                      layer_schemes=["lm_head=W8A8_DYNAMIC"], smooth_head=0.3,
+                                      calib=checkpoints.root / "calib.txt")  # fmt: skip
+    gen, _ = generate(model_dir)
+    assert "ModelSlimEmbeddingMethod" in gen.methods  # the quantized head
+    assert not {"ModelSlimVocabEmbeddingMethod", "ModelSlimTiedHeadMethod"} & set(gen.methods)  # float table, untied
+    reference = runtime_logprobs(model_dir, gen)
+    diff = max_logprob_diff(gen, reference)
+    assert diff < LOGPROB_TOL, f"engine vs runtime logprobs differ by {diff:.3g}"  # as the tests above
+    assert_greedy(gen, reference, LOGPROB_TOL)
+    assert max_logprob_diff(gen, runtime_logprobs(plain, gen)) > 1e-3  # the quantized head is what ran

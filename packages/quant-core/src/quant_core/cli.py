@@ -3,7 +3,7 @@
     quant-core quantize --model DIR --scheme W8A8_DYNAMIC --out DIR [--calib FILE] [--group-size N]
                         [--skip PATTERN ...] [--layer-scheme PATTERN=SCHEME ...] [--add-quantization-config]
                         [--calib-samples N] [--calib-seq-len N] [--percentile P] [--smooth ALPHA]
-                        [--smooth-down ALPHA] [--gptq [--gptq-clip R] [--gptq-act-order]]
+                        [--smooth-down ALPHA] [--smooth-head ALPHA] [--gptq [--gptq-clip R] [--gptq-act-order]]
                         [--kv-cache C8] [--flatquant-epochs N] [--flatquant-option KEY=VALUE ...]
                         [--max-shard-size SIZE] [--overwrite] [--no-progress]
 
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 0.7; down_proj's input holds the largest outliers (needs --calib)",
     )
     q.add_argument(
+        "--smooth-head",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="smoothing between the final norm and a quantized lm_head (--layer-scheme lm_head=W8A8_DYNAMIC), "
+        "strength in (0, 1), e.g. 0.3 (needs --calib)",
+    )
+    q.add_argument(
         "--gptq",
         action="store_true",
         help="GPTQ instead of round-to-nearest for W8A16, W4A16, W4A8_DYNAMIC and W4A4_DYNAMIC layers "
@@ -158,6 +166,7 @@ def quantize_command(args: argparse.Namespace) -> int:
             percentile=args.percentile,
             smooth=args.smooth,
             smooth_down=args.smooth_down,
+            smooth_head=args.smooth_head,
             gptq=args.gptq,
             gptq_clip=args.gptq_clip,
             gptq_act_order=args.gptq_act_order,

@@ -19,7 +19,10 @@ matching it names it (its pattern contains ``embed_tokens``: ``--layer-scheme '*
 leaves it FLOAT), with a scheme the quantized lookup supports (:data:`~quant_core.embedding.EMBEDDING_SCHEMES`). With
 ``tie_word_embeddings`` the head shares that table: the checkpoint keeps one quantized ``embed_tokens`` (as tied
 checkpoints keep one float table) and loaders run the head with the same scheme, so a quantized embedding quantizes
-the tied head too (the plan notes it; a tied checkpoint that also stores ``lm_head.weight`` is refused). Fused
+the tied head too (the plan notes it; a tied checkpoint that also stores ``lm_head.weight`` is refused). The head
+is quantized the same way, when the last rule matching ``lm_head`` names it (``--layer-scheme lm_head=W8A8_DYNAMIC``);
+a tied head then gets its own tensors, from the embedding table (``QuantPlan.untied_head``): the output config says
+``tie_word_embeddings: false`` and the embedding keeps its own scheme (FLOAT unless a rule names it). Fused
 shards (q/k/v of one attention, gate/up of one MLP or expert, ...) must share one scheme, as must all the routed
 experts of one MoE block (the stacked MoE schemes assume it); row-parallel projections (``o_proj``, ``down_proj``,
 ``w2``, ``dense``, ``out_proj``) get the row-parallel variant of schemes that have one (``W4A8_DYNAMIC``'s
@@ -52,9 +55,10 @@ FUSED_SHARD_GROUPS: tuple[tuple[str, ...], ...] = (
     ("attn_q_proj", "attn_k_proj", "attn_v_proj"),
 )
 ROW_PARALLEL = frozenset({"o_proj", "down_proj", "w2", "dense", "out_proj"})
+TIED_TABLE, TIED_HEAD = "model.embed_tokens", "lm_head"  # tied checkpoints store only the table
 ALWAYS_FLOAT = frozenset({"lm_head", "embed_tokens", "embeddings", "wte", "wpe", "gate", "router",
                           "shared_expert_gate"})  # fmt: skip
-QUANTIZABLE_EMBEDDINGS = frozenset({"embed_tokens"})  # quantized only when a rule names them (see above)
+QUANTIZABLE_ON_REQUEST = frozenset({"embed_tokens", "lm_head"})  # quantized only when a rule names them (see above)
 # Schemes whose activation quantization is static: they need calibration statistics.
 STATIC_SCHEMES = frozenset({"W8A8", "W8A8_MIX", "W8A8S"})
 # Schemes that read the description's global group_size.
@@ -80,8 +84,8 @@ class Rule:
         return fnmatch.fnmatchcase(layer, self.pattern)
 
     def names(self, layer: "LinearLayer") -> bool:
-        """Whether this rule asks for ``layer`` by its own name (how an embedding is quantized on purpose)."""
-        return layer.proj in QUANTIZABLE_EMBEDDINGS and layer.proj in self.pattern and self.matches(layer.prefix)
+        """Whether this rule asks for ``layer`` by its own name (how an embedding or the head is quantized)."""
+        return layer.proj in QUANTIZABLE_ON_REQUEST and layer.proj in self.pattern and self.matches(layer.prefix)
 
 
 def parse_rules(skip: Iterable[str] = (), layer_schemes: Iterable[str | tuple[str, str]] = ()) -> list[Rule]:
@@ -146,6 +150,7 @@ class QuantPlan:
     group_size: int
     fused_groups: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # for the summary (e.g. a head tied to a quantized embedding)
+    untied_head: str | None = None  # a quantized head made from the tied embedding table (its prefix)
 
     @property
     def quantized(self) -> list[LinearLayer]:
@@ -216,6 +221,9 @@ def build_plan(
     linears = find_linears(source)
     if not linears:
         raise CheckpointTensorError(f"{source.model_dir}: no 2-D '*.weight' tensors, so nothing to quantize.")
+    tied_head = _tied_head(source, linears)
+    if tied_head is not None:
+        linears[tied_head.prefix] = tied_head  # a candidate: dropped below unless a rule quantizes it
 
     matched: dict[Rule, list[str]] = {rule: [] for rule in rules}
     for layer in linears.values():
@@ -237,14 +245,21 @@ def build_plan(
             )
         if rule.scheme != FLOAT and all(linears[p].always_float and not rule.names(linears[p]) for p in layers):
             raise QuantCoreError(
-                f"{rule.origin}: it matches only layers that always stay FLOAT ({', '.join(layers[:3])}: lm_head, "
-                "embeddings, norms and MoE routers are never quantized, except embed_tokens when a rule names it, "
-                "e.g. --layer-scheme '*.embed_tokens=W8A16'). Fix the pattern."
+                f"{rule.origin}: it matches only layers that stay FLOAT unless named ({', '.join(layers[:3])}: "
+                "lm_head, embeddings, norms and MoE routers are never quantized, except embed_tokens and lm_head when "
+                "a rule names them, e.g. --layer-scheme '*.embed_tokens=W8A16' or 'lm_head=W8A8_DYNAMIC'). Fix the "
+                "pattern."
             )
-    notes = _check_embeddings(source, linears)
+    untied = None
+    if tied_head is not None:
+        if tied_head.quant_type == FLOAT:
+            del linears[tied_head.prefix]
+        else:
+            untied = tied_head.prefix
+    notes = _check_embeddings(source, linears, untied)
 
     fixed = _fixed_group_size(linears, group_size)
-    plan = QuantPlan(linears, fixed or group, _fused_groups(linears), notes)
+    plan = QuantPlan(linears, fixed or group, _fused_groups(linears), notes, untied)
     _check_fused(plan)
     _check_experts(plan)
     _check_group_divides(plan, None if fixed else group_size)
@@ -252,8 +267,17 @@ def build_plan(
     return plan
 
 
-def _check_embeddings(source: SourceCheckpoint, linears: dict[str, LinearLayer]) -> list[str]:
-    """Quantized embeddings use a lookup scheme; a tied head shares the table (a note), unless stored on its own."""
+def _tied_head(source: SourceCheckpoint, linears: dict[str, LinearLayer]) -> LinearLayer | None:
+    """The head of a tied checkpoint that stores no ``lm_head.weight``, as a layer reading the embedding table."""
+    table = linears.get(TIED_TABLE)
+    if table is None or TIED_HEAD in linears or not _tied_embeddings(source):
+        return None
+    return LinearLayer(TIED_HEAD, table.in_features, table.out_features, table.weight, False, always_float="lm_head")
+
+
+def _check_embeddings(source: SourceCheckpoint, linears: dict[str, LinearLayer], untied: str | None) -> list[str]:
+    """Quantized embeddings use a lookup scheme; a tied head shares the table (a note), unless stored on its own or
+    quantized on request (``untied``: then it gets its own tensors, a note)."""
     embeddings = [
         layer for layer in linears.values() if layer.always_float == "embedding" and layer.quant_type != FLOAT
     ]
@@ -262,6 +286,17 @@ def _check_embeddings(source: SourceCheckpoint, linears: dict[str, LinearLayer])
             check_embedding_scheme(layer.quant_type, layer.prefix)
         except UnsupportedSchemeError as e:
             raise UnsupportedSchemeError(f"{e} (from {layer.decided_by})") from None
+    for head in linears.values():
+        if head.always_float == "lm_head" and "FLATQUANT" in head.quant_type:
+            raise UnsupportedSchemeError(
+                f"{head.prefix} = {head.quant_type} (from {head.decided_by}): FlatQuant transforms are learnt per "
+                "decoder layer and the head has none. Give the head another scheme, e.g. lm_head=W8A8_DYNAMIC."
+            )
+    if untied is not None:
+        return [
+            f"{untied} is quantized ({linears[untied].quant_type}) from the tied table {TIED_TABLE}, which keeps "
+            f"{linears[TIED_TABLE].quant_type}: the output config unties them (tie_word_embeddings false)"
+        ]
     if not embeddings or not _tied_embeddings(source):
         return []
     heads = [p for p, layer in linears.items() if layer.always_float == "lm_head"]

@@ -35,7 +35,15 @@ from quant_core.quantize.gptq import GPTQ_SCHEMES
 from quant_core.quantize.gptq_sequential import SequentialOptions, quantize_sequential
 from quant_core.quantize.kvcache import C8, KVCacheObserver, attention_prefixes
 from quant_core.quantize.plan import STATIC_SCHEMES, LinearLayer, QuantPlan, build_plan, parse_rules
-from quant_core.quantize.smooth import Smoothing, check_alpha, down_smoothing_groups, smooth_model, smoothing_groups
+from quant_core.quantize.smooth import (
+    FINAL_NORM,
+    Smoothing,
+    check_alpha,
+    down_smoothing_groups,
+    head_smoothing_groups,
+    smooth_model,
+    smoothing_groups,
+)
 from quant_core.quantize.source import SourceCheckpoint
 from quant_core.quantize.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -118,6 +126,7 @@ def quantize_model(
     percentile: float | None = None,
     smooth: float | None = None,
     smooth_down: float | None = None,
+    smooth_head: float | None = None,
     gptq: bool = False,
     gptq_clip: float | None = None,
     gptq_act_order: bool = False,
@@ -134,8 +143,10 @@ def quantize_model(
     ``percentile`` clips static ranges. ``group_size`` is the description's global group size (W4A16, W4A8_DYNAMIC;
     0 = per channel). ``smooth=ALPHA`` (0 < ALPHA < 1) applies SmoothQuant smoothing first
     (:mod:`~quant_core.quantize.smooth`), ``smooth_down=ALPHA`` also between each dense MLP's up_proj and
-    down_proj; ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC layers (routed MoE experts included)
-    with GPTQ instead of round-to-nearest, decoder layer by decoder layer (:mod:`~quant_core.quantize.gptq`,
+    down_proj, ``smooth_head=ALPHA`` between the final norm and a quantized ``lm_head`` (a rule naming it:
+    ``layer_schemes=["lm_head=W8A8_DYNAMIC"]``); ``gptq`` quantizes W8A16 / W4A16 / W4A8_DYNAMIC / W4A4_DYNAMIC
+    layers (routed MoE experts included; not the head) with GPTQ instead of round-to-nearest, decoder layer by
+    decoder layer (:mod:`~quant_core.quantize.gptq`,
     :mod:`~quant_core.quantize.gptq_sequential`; ``gptq_clip=R`` searches clip ratios in [R, 1],
     ``gptq_act_order`` quantizes columns by decreasing Hessian diagonal); ``kv_cache="C8"`` writes int8 KV-cache
     scales (:mod:`~quant_core.quantize.kvcache`). ``*_FLATQUANT_DYNAMIC`` layers learn their transforms on
@@ -153,6 +164,7 @@ def quantize_model(
         raise QuantCoreError(f"{out_dir} already exists; choose another --out or pass --overwrite to replace it.")
     alpha = None if smooth is None else check_alpha(smooth)
     alpha_down = None if smooth_down is None else check_alpha(smooth_down)
+    alpha_head = None if smooth_head is None else check_alpha(smooth_head)
     kv_cache = _check_kv_cache(kv_cache)
     source = SourceCheckpoint(model_dir)
     plan = build_plan(source, scheme, rules=parse_rules(skip, layer_schemes), group_size=group_size)
@@ -173,6 +185,7 @@ def quantize_model(
     needs += (
         ["--smooth"] * (alpha is not None)
         + ["--smooth-down"] * (alpha_down is not None)
+        + ["--smooth-head"] * (alpha_head is not None)
         + ["--gptq"] * bool(gptq)
         + [f"--kv-cache {kv_cache}"] * bool(kv_cache)
     )
@@ -189,7 +202,7 @@ def quantize_model(
         gptq_options = SequentialOptions(clip=gptq_clip or 1.0, act_order=gptq_act_order)
         calibrated = run_calibration(
             source, plan, config, alpha, gptq_layers, kv_cache, flatquant, progress=progress, alpha_down=alpha_down,
-            gptq_options=gptq_options,
+            gptq_options=gptq_options, alpha_head=alpha_head,
         )  # fmt: skip
     elif calib is not None or percentile is not None:
         warnings.warn(
@@ -204,7 +217,7 @@ def quantize_model(
         write_tensors(source, plan, calibrated, writer, progress=progress)
         writer.finish()
         write_description(tmp, writer.types, plan.group_size, extra_globals)
-        write_config(model_dir, tmp, add_quantization_config)
+        write_config(model_dir, tmp, add_quantization_config, untie=plan.untied_head is not None)
         copy_side_files(model_dir, tmp)
     source.close()
     return QuantizeSummary(
@@ -216,7 +229,7 @@ def quantize_model(
         num_shards=writer.num_shards,
         num_tensors=len(writer.types),
         calibrated_layers=len(calibrated.ranges),
-        smoothed_norms=len(calibrated.smoothing.norms) if calibrated.smoothing else 0,
+        smoothed_norms=len(set(calibrated.smoothing.norms) - {f"{FINAL_NORM}.weight"}) if calibrated.smoothing else 0,
         smooth_alpha=alpha,
         gptq_layers=len(calibrated.gptq_tensors),
         kv_cache=kv_cache,
@@ -286,7 +299,7 @@ def flatquant_fields(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _gptq_layers(plan: QuantPlan) -> list[LinearLayer]:
-    layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES]
+    layers = [layer for layer in plan.quantized if layer.quant_type in GPTQ_SCHEMES and layer.always_float != "lm_head"]
     if not layers:
         used = ", ".join(sorted({layer.quant_type for layer in plan.quantized})) or "none"
         raise QuantCoreError(
@@ -308,22 +321,31 @@ def run_calibration(
     progress: bool = True,
     alpha_down: float | None = None,
     gptq_options: SequentialOptions | None = None,
+    alpha_head: float | None = None,
 ) -> Calibrated:
     """Load the float model once; smooth it (its own pass), fit the FlatQuant transforms (layer by layer, leaving
     the model unchanged), one pass of the float model for static ranges and the KV cache, then GPTQ layer by layer
     (:mod:`~quant_core.quantize.gptq_sequential`; the model's weights become the dequantized GPTQ weights)."""
     session = FloatModel(source.model_dir, config, progress=progress)
+    if plan.untied_head is not None:  # its own copy: smoothing and GPTQ change it, not the embedding table
+        head = session.module(plan.untied_head)
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     result = Calibrated()
     try:
-        if alpha is not None or alpha_down is not None:
+        if alpha is not None or alpha_down is not None or alpha_head is not None:
             model_type = session.model.config.model_type
             groups, skipped = smoothing_groups(source, plan, model_type) if alpha is not None else ([], [])
+            if alpha_head is not None:
+                head_groups, skipped_head = head_smoothing_groups(source, plan, model_type, alpha_head)
+                groups, skipped = groups + head_groups, skipped + skipped_head
+                result.notes += [f"head smoothing (alpha {alpha_head:g}) folded into {g.norm}" for g in head_groups]
             norm_dtypes = {f"{g.norm}.weight": source.tensors[f"{g.norm}.weight"].torch_dtype for g in groups}
             if alpha_down is not None:
                 pairs, skipped_pairs = down_smoothing_groups(source, plan, model_type, alpha_down)
                 groups, skipped = groups + pairs, skipped + skipped_pairs
                 result.notes.append(f"down_proj smoothing (alpha {alpha_down:g}) folded into {len(pairs)} up_proj")
-            result.smoothing = smooth_model(session, groups, alpha if alpha is not None else alpha_down, norm_dtypes)
+            default_alpha = next(a for a in (alpha, alpha_down, alpha_head) if a is not None)
+            result.smoothing = smooth_model(session, groups, default_alpha, norm_dtypes)
             result.smoothing.skipped = skipped
             if skipped:
                 result.notes.append(f"not smoothed: {'; '.join(skipped[:2])}{' ...' if len(skipped) > 2 else ''}")
@@ -390,11 +412,12 @@ def write_tensors(
     for name in calibrated.kv_tensors:
         kv_by_layer.setdefault(name.rpartition(".")[0], []).append(name)
     quantized = {f"{layer.prefix}.weight": layer for layer in plan.quantized}
+    names = [*source.tensors, *([f"{plan.untied_head}.weight"] if plan.untied_head else [])]
     biases = {f"{layer.prefix}.bias" for layer in plan.quantized if layer.has_bias}
     schemes: dict[tuple[str, bool], object] = {}
     bar = tqdm(total=len(plan.quantized), desc="quantizing", unit="layer", disable=None if progress else True)
     try:
-        for name in source.tensors:
+        for name in names:
             layer = quantized.get(name)
             prefix = name.removesuffix(".weight")
             if layer is None:
@@ -405,7 +428,7 @@ def write_tensors(
                 if key not in schemes:
                     schemes[key] = plan.scheme_for(layer)
                 bias = source.read(f"{layer.prefix}.bias") if layer.has_bias else None
-                weight = source.read(name)
+                weight = source.read(layer.weight.name)  # an untied head reads the embedding table
                 if smoothing is not None:
                     weight = smoothing.weight(layer.prefix, weight)
                 if flat is not None and layer.prefix in flat.linears:

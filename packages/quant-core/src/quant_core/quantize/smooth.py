@@ -19,6 +19,11 @@ the model's largest outliers (the first token's "massive activations" run into t
 no norm can absorb; this pair is what makes static per-tensor W8A8 usable on such models. Row scaling does not change
 up_proj's quantization error (its per-row / per-group scales scale with it).
 
+A third, on request (``smooth_head``): the final norm -> a quantized ``lm_head`` (a tied head is quantized as its own
+tensors, ``QuantPlan.untied_head``, so scaling its columns leaves the embedding table alone). Its strength is its
+own: the head's input has other outliers than the decoder layers' (SmolLM2 W8A8_DYNAMIC head, 4k Wikipedia tokens,
+fake-quantized: PPL ratio to float +0.0073 unsmoothed, +0.0026 at 0.3, +0.0081 at 0.5).
+
 Skipped groups: a norm whose linears are not all quantized (nothing to gain), and MoE blocks, whose
 ``post_attention_layernorm`` also feeds the router (and, in transformers 5, fused 3-D expert parameters); smoothing
 those would have to scale the float router too. Model types other than the Llama / Qwen / Mistral families are
@@ -43,6 +48,7 @@ GROUP_LAYOUT = {
 }
 # a post_attention_layernorm that also feeds these is an MoE block: not smoothed
 OTHER_READERS = ("mlp.gate", "mlp.router", "mlp.experts", "mlp.shared_expert")
+FINAL_NORM = "model.norm"  # the norm before lm_head (Llama / Qwen / Mistral)
 MIN_SCALE = 1e-5  # SmoothQuant's clamp: no factor (nor absmax) below this
 
 
@@ -129,6 +135,27 @@ def down_smoothing_groups(
         else:
             groups.append(SmoothGroup(up, (down,), rows=True, alpha=alpha))
     return groups, skipped
+
+
+def head_smoothing_groups(
+    source: SourceCheckpoint, plan: QuantPlan, model_type: str, alpha: float
+) -> tuple[list[SmoothGroup], list[str]]:
+    """The final norm -> quantized ``lm_head`` pair, smoothed with ``alpha``; refused when the head is not quantized."""
+    heads = [layer for layer in plan.quantized if layer.always_float == "lm_head"]
+    if not heads:
+        raise QuantCoreError(
+            "smooth_head smooths the final norm into a quantized lm_head, and no rule quantizes lm_head itself (a "
+            "head tied to a quantized embedding runs the table, which cannot be scaled for the head alone). Add "
+            "--layer-scheme lm_head=W8A8_DYNAMIC, or drop smooth_head."
+        )
+    if model_type not in SMOOTHABLE_MODEL_TYPES:
+        raise QuantCoreError(
+            f"head smoothing supports model types {', '.join(sorted(SMOOTHABLE_MODEL_TYPES))} (a final RMSNorm "
+            f"'{FINAL_NORM}' before lm_head); {source.model_dir} is {model_type!r}. Drop smooth_head."
+        )
+    if f"{FINAL_NORM}.weight" not in source.tensors:
+        return [], [f"{heads[0].prefix} (no {FINAL_NORM}.weight before it)"]
+    return [SmoothGroup(FINAL_NORM, (heads[0].prefix,), alpha=alpha)], []
 
 
 def smooth_model(session: FloatModel, groups: list[SmoothGroup], alpha: float, norm_dtype: dict[str, torch.dtype]):

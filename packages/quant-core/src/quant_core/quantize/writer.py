@@ -122,8 +122,9 @@ def write_description(out_dir: Path, types: dict[str, str], group_size: int, ext
     return description
 
 
-def write_config(model_dir: Path, out_dir: Path, add_quantization_config: bool) -> None:
-    """``config.json`` as msModelSlim writes it: unchanged but for ``quantization_config``, which is removed.
+def write_config(model_dir: Path, out_dir: Path, add_quantization_config: bool, *, untie: bool = False) -> None:
+    """``config.json`` as msModelSlim writes it: unchanged but for ``quantization_config``, which is removed, and, with
+    ``untie`` (the checkpoint stores its own quantized head), ``tie_word_embeddings`` set to false.
 
     ``add_quantization_config`` adds ``{"quant_method": "ascend"}`` instead, for loaders that look for it. It is off
     by default because msModelSlim strips the key and vLLM-Ascend recognises the checkpoint by its description file;
@@ -134,6 +135,11 @@ def write_config(model_dir: Path, out_dir: Path, add_quantization_config: bool) 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QuantCoreError(f"{model_dir / 'config.json'}: not readable JSON ({e}).") from None
     config.pop("quantization_config", None)
+    if untie:
+        for part in (config, config.get("text_config")):
+            if isinstance(part, dict) and "tie_word_embeddings" in part:
+                part["tie_word_embeddings"] = False
+        config.setdefault("tie_word_embeddings", False)
     if add_quantization_config:
         config["quantization_config"] = {"quant_method": "ascend"}
     write_json(out_dir / "config.json", config)
