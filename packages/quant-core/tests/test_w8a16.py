@@ -1,17 +1,23 @@
 import pytest
 import torch
+from fbgemm_isa import run_with_fbgemm_isa
 from linear_cases import ACT_DTYPES, BATCH_SHAPES, SHAPES, make_input, make_weight, output_tolerance, rel_err
 
 import quant_core
 from quant_core import CheckpointTensorError
 from quant_core.kernels import KernelUnavailableError
+from quant_core.kernels.base import LinearKernelConfig
+from quant_core.kernels.weight_only import Int8PackMM
 
 # The reference backend dequantizes and multiplies in float32: against float64 only accumulation rounding
 # (~1e-7 · √K) remains. 1e-5 catches any real mistake (a wrong offset sign or scale axis is ≥ 1e-1).
 EXACT = 1e-5
-# The cpu (int8pack) and npu kernels run in bf16: x (fp32 inputs), the npu's scales and the output are each rounded
-# to bf16, a relative rms error of 2^-9/√3 ≈ 1.1e-3 apiece, ≈ 2e-3 together (measured: ≤ 2.5e-3). 1e-2 is 4x that.
+# The int8pack cpu kernel and the npu kernel run in bf16: x (fp32 inputs), the npu's scales and the output are each
+# rounded to bf16, a relative rms error of 2^-9/√3 ≈ 1.1e-3 apiece, ≈ 2e-3 together (measured: ≤ 2.5e-3). 1e-2 is 4x.
 BF16_PATH = 1e-2
+# The cpu default (fbgemm, activations as three int8 digits) leaves at most amax|x|·6.1e-8 per activation, fp32's own
+# resolution: the float32 bound holds for it (measured ~1.4e-7 relative).
+FLOAT_ACCURATE = ("reference-weight-only", "cpu-fbgemm-int8-digits")
 
 
 def checkpoint(k: int, n: int, version: str = "1", seed: int = 1) -> dict[str, torch.Tensor]:
@@ -45,7 +51,7 @@ def test_apply_matches_float64_reference(backend, version, k, n, batch, dtype):
     bias = torch.randn(n).to(dtype)
     y = scheme.apply(runtime, x, bias)
     assert y.shape == (*batch, n) and y.dtype == dtype
-    bound = output_tolerance(dtype, EXACT) if backend == "reference" else BF16_PATH
+    bound = output_tolerance(dtype, EXACT) if runtime.kernel.name in FLOAT_ACCURATE else BF16_PATH
     err = rel_err(y, reference(ckpt, x, bias))
     assert err < bound, f"{backend}: rel err {err:.2e} ≥ {bound:.0e}"
     if version == "0":  # the offset sign matters: adding it (the npu op's convention, unnegated) fails
@@ -133,4 +139,52 @@ def test_chooser_explains_an_impossible_backend():
 
 def test_auto_prefers_the_fast_cpu_kernel():
     runtime = quant_core.get_scheme("W8A16", "linear").process_weights(checkpoint(96, 33, version="0"))
-    assert runtime.kernel.name == "cpu-int8pack-mm"
+    assert runtime.kernel.name == "cpu-fbgemm-int8-digits"
+
+
+@pytest.mark.parametrize("version", ["1", "0"])
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+def test_int8pack_kernel_where_fbgemm_is_absent(version, k, n):
+    """The bf16 ``_weight_int8pack_mm`` kernel, next in line when fbgemm is not the quantized engine."""
+    ckpt = checkpoint(k, n, version)
+    canonical = quant_core.get_scheme("W8A16", "linear", backend="reference").process_weights(ckpt)
+    kernel = Int8PackMM(LinearKernelConfig("W8A16", k, n, 0, "cpu", {}))
+    x, bias = make_input((5,), k, torch.float32), torch.randn(n)
+    y = kernel.run(kernel.prepare(dict(canonical)), x, bias)
+    assert rel_err(y, reference(ckpt, x, bias)) < BF16_PATH
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_digits_kernel_is_float_accurate_at_any_magnitude(scale):
+    """Three int8 digits per token: the error stays at fp32 resolution of each row's largest input, whatever the
+    row's magnitude and spread (rows from 1e-6 to 1 of the largest, one outlier channel)."""
+    ckpt = checkpoint(576, 40)
+    x = make_input((6,), 576, torch.float32) * torch.logspace(-6, 0, 6)[:, None]
+    x[:, 7] *= 50
+    x = x * scale
+    runtime = quant_core.get_scheme("W8A16", "linear").process_weights(ckpt)
+    assert runtime.kernel.name == "cpu-fbgemm-int8-digits"
+    y = quant_core.get_scheme("W8A16", "linear").apply(runtime, x).double()
+    ref = reference(ckpt, x)
+    for row in range(6):  # per row: each row is its own digit scale
+        assert rel_err(y[row], ref[row]) < 1e-5, row
+
+
+def check_digits_saturating_case() -> None:
+    """All-positive full-range activations against +127 weights: the case where one u8 × s8 pass saturates int16."""
+    ckpt = {"weight": torch.full((8, 256), 127, dtype=torch.int8), "weight_scale": torch.full((8, 1), 0.01),
+            "weight_offset": torch.zeros(8, 1)}  # fmt: skip
+    x = torch.rand(4, 256) + 0.5
+    scheme = quant_core.get_scheme("W8A16", "linear")
+    runtime = scheme.process_weights(ckpt)
+    assert runtime.kernel.name == "cpu-fbgemm-int8-digits"
+    assert rel_err(scheme.apply(runtime, x), reference(ckpt, x)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["native", "AVX2"])
+def test_digits_kernel_is_exact_where_u8_s8_pairs_saturate(isa):
+    # AVX2: fbgemm on vpmaddubsw, where int16 pair sums saturate; the digits go through the exact split there too
+    if isa == "native":
+        check_digits_saturating_case()
+    else:
+        run_with_fbgemm_isa(isa, "test_w8a16", "check_digits_saturating_case")

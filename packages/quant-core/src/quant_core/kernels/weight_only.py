@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from quant_core.kernels.base import LinearKernel, LinearKernelConfig
-from quant_core.kernels.int8_dynamic import ACL_FORMAT_FRACTAL_NZ, torch_npu_available
+from quant_core.kernels.int8_dynamic import (
+    ACL_FORMAT_FRACTAL_NZ,
+    exact_int8_gemm,
+    fbgemm_available,
+    fbgemm_prepack,
+    torch_npu_available,
+)
 from quant_core.primitives import dequantize_weight
 
 INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes torch._weight_int4pack_mm_for_cpu accepts
@@ -55,6 +61,60 @@ class DequantLinear(LinearKernel):
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x.float(), runtime["weight"], None if bias is None else bias.float())
+
+
+class FbgemmInt8Digits(LinearKernel):
+    """fbgemm's int8 GEMM on float activations written as three int8 digits per token: ``x ≈ Σ_d s_d · q_d`` with
+    ``s_1 = amax|x| / 127``, ``q_d = round(r_d / s_d)``, ``r_{d+1} = r_d - q_d · s_d`` and ``s_{d+1} = s_d / 254``
+    (each remainder is within half a step, so every digit fits [-127, 127]). The three digit rows go through one GEMM
+    call (exact int32 sums, :func:`~quant_core.kernels.int8_dynamic.exact_int8_gemm`) and ``y = Σ_d s_d · y_d``.
+
+    The activation error is at most ``s_3 / 2 = amax|x| · 6.1e-8`` per element, fp32's own resolution at the row's
+    largest element: float-activation accuracy, unlike the bf16 kernels (``2^-9`` relative). At decode the GEMM is
+    weight-bound, so three rows cost about one; from a few dozen tokens it does three rows' arithmetic, which int8
+    still does faster than fp32 or bf16 here. Per-channel scales (in the packed weight) and offsets
+    (``- Σ_k x[k] · offset[n] · scale[n]``); int8 or int4 values.
+    """
+
+    name = "cpu-fbgemm-int8-digits"
+    backend = "cpu"
+    DIGITS = 3
+
+    @classmethod
+    def can_implement(cls, config: LinearKernelConfig) -> tuple[bool, str]:
+        if group_size(config) != config.in_features:
+            return False, f"per-channel scales only, got groups of {group_size(config)}"
+        return fbgemm_available(config)
+
+    def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        scale, offset = tensors["weight_scale"].flatten().float(), tensors["weight_offset"].flatten().float()
+        return {
+            "packed_weight": fbgemm_prepack(tensors["weight"], scale),
+            "offset_scale": offset * scale if offset.any() else None,
+        }
+
+    def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x32 = x.float()
+        digits, scales = int8_digits(x32, self.DIGITS)
+        m = x32.shape[0]
+        y = exact_int8_gemm(digits, runtime["packed_weight"]).view(self.DIGITS, m, -1).mul_(scales).sum(0)
+        if runtime["offset_scale"] is not None:
+            y -= x32.sum(-1, keepdim=True) * runtime["offset_scale"]
+        return y if bias is None else y.add_(bias)
+
+
+def int8_digits(x32: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes [digits·M, K], scales [digits, M, 1])`` with ``x32 ≈ Σ_d scales[d] · codes[d·M:(d+1)·M]`` (see
+    :class:`FbgemmInt8Digits`); all-zero rows get codes 0."""
+    scale = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
+    codes, scales, rest = [], [], x32
+    for _ in range(digits):
+        q = torch.div(rest, scale).round_()
+        codes.append(q)
+        scales.append(scale)
+        rest = rest - q * scale
+        scale = scale / 254
+    return torch.cat(codes), torch.stack(scales)
 
 
 class Int8PackMM(LinearKernel):
@@ -186,5 +246,7 @@ class NpuWeightQuantBatchMatmul(LinearKernel):
         )
 
 
-# int4pack first: for per-channel int4 both fit, and it holds half the bytes.
-WEIGHT_ONLY_KERNELS = (NpuWeightQuantBatchMatmul, Int4PackMM, Int8PackMM, DequantLinear, ReferenceWeightOnly)
+# int4pack first: for per-channel int4 both fit, and it holds half the bytes. int8pack (bf16) where fbgemm is absent.
+WEIGHT_ONLY_KERNELS = (
+    NpuWeightQuantBatchMatmul, Int4PackMM, FbgemmInt8Digits, Int8PackMM, DequantLinear, ReferenceWeightOnly
+)  # fmt: skip
