@@ -105,16 +105,20 @@ class FbgemmInt8Digits(LinearKernel):
 
 def int8_digits(x32: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes [digits·M, K], scales [digits, M, 1])`` with ``x32 ≈ Σ_d scales[d] · codes[d·M:(d+1)·M]`` (see
-    :class:`FbgemmInt8Digits`); all-zero rows get codes 0."""
-    scale = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
-    codes, scales, rest = [], [], x32
-    for _ in range(digits):
-        q = torch.div(rest, scale).round_()
-        codes.append(q)
-        scales.append(scale)
-        rest = rest - q * scale
-        scale = scale / 254
-    return torch.cat(codes), torch.stack(scales)
+    :class:`FbgemmInt8Digits`); all-zero rows get codes 0. Few elementwise passes: at decode they are the cost."""
+    m = x32.shape[0]
+    first = x32.abs().amax(-1, keepdim=True).div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
+    scales = first * DIGIT_STEPS[:digits]
+    codes = torch.empty(digits * m, x32.shape[1])
+    rest = x32
+    for d in range(digits):
+        q = torch.div(rest, scales[d], out=codes[d * m : (d + 1) * m]).round_()
+        if d + 1 < digits:
+            rest = torch.addcmul(rest, q, scales[d], value=-1)
+    return codes, scales
+
+
+DIGIT_STEPS = torch.tensor([1.0, 1 / 254, 1 / 254**2]).view(-1, 1, 1)  # each remainder is within half a step
 
 
 class Int8PackMM(LinearKernel):
