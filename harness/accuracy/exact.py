@@ -2,7 +2,8 @@
 `reference` kernels (exact integer math), on the same tokens, in a direct PyTorch loop.
 
 vLLM runs the same kernels as `load_quantized(backend="auto")` (vllm-adapter applies quant-core's schemes with the
-kernel chooser's automatic choice and has no backend switch), so the "kernel" column is what the lm-eval run served.
+kernel chooser's automatic choice and has no backend switch; vLLM's own CPU int8 ops are registered here too, as in
+the engine), so the "kernel" column is what the lm-eval run served.
 A kernel that saturates (e.g. int8 products summed in int16 without VNNI) shows up as kernel PPL above exact PPL.
 
 End to end, two exact computations that differ only in float summation order already disagree: per-token
@@ -15,6 +16,7 @@ perplexity noise floor (`ppl_exact_perturbed`: exact math with the embeddings sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -69,6 +71,9 @@ def float_ppl(model_dir: Path, windows: list[torch.Tensor]) -> float:
 
 def load(checkpoint: Path, backend: str):
     from quant_core.runtime import load_quantized
+
+    with contextlib.suppress(ImportError):  # vLLM's CPU int8 ops, which quant-core's chooser takes once registered
+        import vllm._custom_ops  # noqa: F401
 
     return load_quantized(checkpoint, backend=backend, dtype=torch.float32)
 

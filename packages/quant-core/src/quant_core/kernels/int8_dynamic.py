@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from quant_core.kernels.base import AmaxReduce, LinearKernel, LinearKernelConfig, amax_reducer
+from quant_core.kernels.vllm_cpu import VllmOnednnInt8Dynamic
 from quant_core.primitives import int_matmul, quantize_per_token, token_amax
 
 ACL_FORMAT_FRACTAL_NZ = 29
@@ -187,4 +188,5 @@ class NpuInt8Dynamic(LinearKernel):
         )
 
 
-INT8_DYNAMIC_KERNELS = (NpuInt8Dynamic, FbgemmInt8Dynamic, ReferenceInt8Dynamic)
+# vLLM's own int8 ops where a vLLM engine has loaded them (less per-call overhead), else fbgemm
+INT8_DYNAMIC_KERNELS = (NpuInt8Dynamic, VllmOnednnInt8Dynamic, FbgemmInt8Dynamic, ReferenceInt8Dynamic)
