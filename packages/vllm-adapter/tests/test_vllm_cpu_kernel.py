@@ -2,6 +2,8 @@
 has registered them) against quant-core's reference (exact int32 sums on the spec's codes) and an independent float64
 reference, without an engine. The engine tests of the other files run it end to end."""
 
+import gc
+
 import pytest
 import torch
 
@@ -86,3 +88,17 @@ def test_split_rows_with_the_amax_reducer_sum_to_the_whole(k, n):
         runtime.amax_reduce = lambda amax: torch.maximum(amax, row_amax)
         parts.append(scheme.apply(runtime, x[:, cols].contiguous()))
     assert rel_err(parts[0] + parts[1] + bias, whole) < KERNEL_VS_EXACT
+
+
+def test_runtime_outlives_the_checkpoint_tensors():
+    """The oneDNN handler keeps pointers into what it was given (the scales): once the checkpoint tensors are freed
+    and their memory reused, the layer must still compute the same thing (a dangling scale gave inf)."""
+    scheme, tensors, _ = layer(64, 96)
+    reference = quant_core.get_scheme("W8A8_DYNAMIC", "linear", backend="reference").process_weights(tensors)
+    runtimes = [scheme.process_weights({name: t.clone() for name, t in tensors.items()}) for _ in range(8)]
+    gc.collect()
+    reuse = [torch.full((256, 256), 7.0) for _ in range(64)]  # noqa: F841  (takes the freed blocks)
+    x = inputs(3, 64)
+    exact = quant_core.get_scheme("W8A8_DYNAMIC", "linear", backend="reference").apply(reference, x)
+    for runtime in runtimes:
+        assert rel_err(scheme.apply(runtime, x), exact) < KERNEL_VS_EXACT

@@ -33,7 +33,8 @@ def vllm_cpu_ops_loaded() -> tuple[bool, str]:
 
 class VllmOnednnInt8Dynamic(LinearKernel):
     """``W8A8_DYNAMIC`` (and ``W8A8_MIX``'s dynamic mode) through vLLM's ``dynamic_scaled_int8_quant`` and
-    ``onednn_scaled_mm``; the prepacked weight lives in the oneDNN handler (``prepare`` keeps no other copy)."""
+    ``onednn_scaled_mm``; the handler packs its own copy of the weight and points at the scales, which the runtime
+    keeps."""
 
     name = "cpu-vllm-onednn-int8-dynamic"
     backend = "cpu"
@@ -46,10 +47,10 @@ class VllmOnednnInt8Dynamic(LinearKernel):
 
     def prepare(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         weight = tensors["weight"]  # int8 [N, K]; the op takes [K, N] and packs its own copy
-        handler = torch.ops._C.create_onednn_scaled_mm_handler(
-            weight.t(), tensors["weight_scale"].flatten().float(), torch.float32, True, False, 32
-        )
-        return {"handler": torch.tensor(handler, dtype=torch.int64), "out_features": weight.shape[0]}
+        scale = tensors["weight_scale"].flatten().float().clone()  # the handler keeps a pointer to it: keep it alive
+        handler = torch.ops._C.create_onednn_scaled_mm_handler(weight.t(), scale, torch.float32, True, False, 32)
+        n = weight.shape[0]
+        return {"handler": torch.tensor(handler, dtype=torch.int64), "weight_scale": scale, "out_features": n}
 
     def run(self, runtime: Mapping[str, Any], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x32 = x.float().contiguous()
