@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_texts import write_calib
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -21,12 +22,6 @@ from quant_core.quantize import quantize_model  # noqa: E402
 from quant_core.runtime import QuantLinear, load_quantized  # noqa: E402
 from quant_core.tiny_models import make_tiny_model  # noqa: E402
 
-TEXTS = [
-    "The capital of France is Paris, and the Seine flows through it.",
-    "def add(a, b):  return a + b  # small code sample",
-    "Numbers 3.14159 and 2.71828 appear in many formulas.",
-    "Question: There are 15 trees in the grove. How many did they plant?",
-]
 SEQ_LEN = 32
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 HEAD_ONLY = {"skip": ["model.layers.*"], "layer_schemes": ["lm_head=W8A8_DYNAMIC"], "progress": False}
@@ -36,9 +31,7 @@ IDS = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return write_calib(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_texts import TEXTS, write_calib
 from linear_inputs import record_linear_inputs
 
 transformers = pytest.importorskip("transformers")
@@ -20,12 +21,6 @@ from quant_core.quantize.smooth import smooth_model, smoothing_factors, smoothin
 from quant_core.quantize.source import SourceCheckpoint  # noqa: E402
 from quant_core.tiny_models import make_tiny_model  # noqa: E402
 
-TEXTS = [
-    "The capital of France is Paris, and the Seine flows through it.",
-    "def add(a, b):  return a + b  # small code sample",
-    "Numbers 3.14159 and 2.71828 appear in many formulas.",
-    "Question: There are 15 trees in the grove. How many did they plant?",
-]
 SEQ_LEN = 32
 SMOOTHED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 OUTLIER_CHANNELS = [3, 17, 50, 99]
@@ -33,9 +28,7 @@ OUTLIER_CHANNELS = [3, 17, 50, 99]
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return write_calib(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")

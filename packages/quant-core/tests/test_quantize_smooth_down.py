@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calib_texts import TEXTS, write_calib
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -19,21 +20,13 @@ from quant_core.quantize.source import SourceCheckpoint  # noqa: E402
 from quant_core.runtime import load_quantized  # noqa: E402
 from quant_core.tiny_models import make_tiny_model  # noqa: E402
 
-TEXTS = [
-    "The capital of France is Paris, and the Seine flows through it.",
-    "def add(a, b):  return a + b  # small code sample",
-    "Numbers 3.14159 and 2.71828 appear in many formulas.",
-    "Question: There are 15 trees in the grove. How many did they plant?",
-]
 SEQ_LEN = 32
 OUTLIER_ROWS = [5, 40, 77]  # intermediate channels of up_proj made 30x larger: down_proj input outliers
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return write_calib(tmp_path_factory.mktemp("calib"))
 
 
 @pytest.fixture(scope="module")
